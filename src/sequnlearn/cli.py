@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sequnlearn`` parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="sequnlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_unlearn,):
+    for add in (_add_unlearn, _add_eval):
         add(sub)
     return parser
 
@@ -37,8 +37,84 @@ def main(argv: list[str] | None = None) -> None:
 
 def _add_unlearn(sub) -> None:
     p = sub.add_parser("unlearn", help="sequential back-to-front unlearning of a causal LM")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a shipped preset: tiny, deep-ignorance-l2, deep-ignorance-kl, ...")
+    src.add_argument("--config", help="a YAML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set remove_coef=20")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--report-to", choices=["tensorboard", "wandb"], help="also log through accelerate's trackers")
+    p.add_argument("--on-nan", choices=["stop", "skip"], help="on a non-finite loss: stop (default) or skip the batch")
     p.set_defaults(func=cmd_unlearn)
 
 
 def cmd_unlearn(args) -> None:
-    raise UserError("unlearn is being built")
+    from sequnlearn.config import UnlearnConfig, load_config
+    from sequnlearn.runs import RunDir, prepare_out_dir
+
+    overrides = list(args.set)
+    if args.report_to:
+        overrides.append(f"report_to={args.report_to}")
+    if args.on_nan:
+        overrides.append(f"on_nan={args.on_nan}")
+    cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
+    run = RunDir(prepare_out_dir(args.out, resume=args.resume, overwrite=args.overwrite))
+    from sequnlearn.unlearn.engine import unlearn
+
+    try:
+        unlearn(cfg, run, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    print(f"unlearned model: {run.model}")
+
+
+def _source_args(args) -> str:
+    parts = [f"--preset {args.preset}" if args.preset else f"--config {args.config}"]
+    parts += [f"--set {s}" for s in args.set]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="multiple-choice evaluation: WMDP-Bio-Robust, WMDP-Bio, MMLU, local MCQ files")
+    p.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="hub id, HF model directory, or a run directory (its model/)")
+    p.add_argument("--tasks", help="comma-separated: wmdp_bio_robust, wmdp_bio, mmlu, or MCQ file paths")
+    p.add_argument("--backend", choices=["fast", "lm-eval"], default="fast",
+                   help="fast: one forward per question (default); lm-eval: lm_eval.simple_evaluate")
+    p.add_argument("--style", choices=["letter", "cloze"], default="letter",
+                   help='letter: score " A".." D" (default); cloze: score each choice text (adds acc_norm)')
+    p.add_argument("--limit", type=int, help="first N questions of each subtask (as lm-eval --limit)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="k-shot examples (MMLU: dev split, first k)")
+    p.add_argument("--data", metavar="FILE", help="a local MCQ file (.jsonl/.json/.parquet: question, choices, answer)")
+    p.add_argument("--data-dir", metavar="DIR", help="offline copies of the hub tasks (default $SEQUNLEARN_DATA_DIR)")
+    p.add_argument("--out", metavar="FILE", help="results JSON (default RUN_DIR/eval.json, else ./eval.json)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+
+    from sequnlearn.eval import check_options, evaluate, format_table, load_tasks, parse_tasks
+    from sequnlearn.model.load import load_model
+    from sequnlearn.runs import RunDir, write_json
+
+    check_options(args.backend, args.style, args.limit, args.batch_size, args.num_fewshot)
+    tasks = load_tasks(parse_tasks(args.tasks, args.data), data_dir=args.data_dir, num_fewshot=args.num_fewshot)
+    run = RunDir(Path(args.model))
+    out = Path(args.out) if args.out else (run.eval if run.is_finished() else Path("eval.json"))
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    results = evaluate(model, tokenizer, tasks, backend=args.backend, style=args.style, limit=args.limit,
+                       batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    print(format_table(results))
+    write_json(out, {"model": args.model, **results})
+    print(f"wrote {out}")

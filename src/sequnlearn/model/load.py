@@ -68,7 +68,8 @@ def load_model(path_or_id: str, *, dtype: str = "auto", device: str = "auto", re
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
 
     Args:
-        path_or_id: hub id, HF model directory, or a run directory with ``model/``.
+        path_or_id: hub id, HF model directory, a run directory with ``model/``, or
+            ``tiny:FAMILY`` for a random tiny model built from a config (seed 0).
         dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
 
@@ -79,8 +80,10 @@ def load_model(path_or_id: str, *, dtype: str = "auto", device: str = "auto", re
 
     from sequnlearn.model.layers import architecture
 
-    source = model_source(path_or_id)
     dev = resolve_device(device)
+    if path_or_id.startswith("tiny:"):
+        return _tiny(path_or_id.split(":", 1)[1], dev)
+    source = model_source(path_or_id)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=resolve_dtype(dtype, dev))
     except OSError as e:
@@ -88,6 +91,14 @@ def load_model(path_or_id: str, *, dtype: str = "auto", device: str = "auto", re
     architecture(model)  # fail early on an architecture we do not know
     model.to(dev).eval()
     return model, load_tokenizer(source, revision)
+
+
+def _tiny(family: str, device: torch.device):
+    from sequnlearn.model.tiny import TINY_FAMILIES, byte_tokenizer, tiny_model
+
+    if family not in TINY_FAMILIES:
+        raise UserError(f"tiny model {family!r} is unknown; use one of " + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES))
+    return tiny_model(family).to(device), byte_tokenizer()
 
 
 def _short(e: Exception) -> str:

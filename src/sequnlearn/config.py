@@ -1,0 +1,291 @@
+"""Typed configs: one dataclass per command, a docstring per field, checks in ``__post_init__``.
+
+A config is built from a preset (``presets/NAME.yaml``) or a YAML file, then ``key=value``
+overrides. Unknown keys, wrong types and out-of-range values are :class:`UserError` s that
+say what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sequnlearn.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything that defines one sequential unlearning run (defaults: the reference table)."""
+
+    model: str = "EleutherAI/deep-ignorance-unfiltered"
+    """Hub id, local HF directory, or ``tiny:FAMILY`` for a random tiny model built from a config."""
+    revision: str | None = None
+    """Hub revision of the model (branch, tag or commit)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."""
+    mixed_precision: str = "auto"
+    """Autocast: auto (bf16 on GPU, none on CPU), no, bf16, fp16."""
+    gradient_checkpointing: bool | None = None
+    """Recompute layer activations in backward; None = on with a GPU, off on the CPU."""
+
+    forget_data: str = "Unlearning/WMDP-Bio-Remove-Dataset"
+    """Forget corpus: hub dataset id, local .jsonl/.json/.parquet/.txt, or ``tiny:forget``."""
+    forget_subset: str | None = None
+    """Hub dataset configuration name of the forget corpus."""
+    forget_split: str = "train"
+    """Split of the forget corpus."""
+    forget_fields: list[str] = field(default_factory=lambda: ["title", "abstract", "text"])
+    """Text fields of a forget record, joined by a blank line (empty ones skipped)."""
+    retain_data: str = "EleutherAI/wikitext_document_level"
+    """Retain corpus: hub dataset id, local file, or ``tiny:retain``."""
+    retain_subset: str | None = "wikitext-103-raw-v1"
+    """Hub dataset configuration name of the retain corpus."""
+    retain_split: str = "train"
+    """Split of the retain corpus."""
+    retain_fields: list[str] = field(default_factory=lambda: ["page"])
+    """Text fields of a retain record."""
+    num_train_examples: int = 1024
+    """Forget (and retain) examples per phase."""
+    max_length: int = 2048
+    """Tokens per example (longer texts are truncated; batches pad to their longest)."""
+
+    layers: list[int] | None = None
+    """Explicit target layers, back to front; None = layer_start..layer_end by layer_step."""
+    layer_start: int = 28
+    """First (deepest) target layer when ``layers`` is None."""
+    layer_end: int = 16
+    """Last (shallowest) target layer, inclusive."""
+    layer_step: int = 4
+    """Stride between target layers."""
+
+    forget_loss: str = "random_ce"
+    """random_ce (cross-entropy to uniformly random targets / log V) or max_entropy (KL to uniform)."""
+    retain_loss: str = "l2"
+    """l2 (hidden states of the retain layers) or kl (KL(original ‖ current) on logits)."""
+    retain_layers: list[int] | None = None
+    """Layers whose outputs enter the L2 retain loss; None = all."""
+    remove_coef: float = 50.0
+    """Forget coefficient; ramps remove_coef → 0.75·remove_coef."""
+    retain_coef: float = 5.0
+    """Retain coefficient; ramps 0 → retain_coef."""
+    schedule_scope: str = "phase"
+    """Ramp over each layer's phase (phase) or once over the whole run (run)."""
+
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: str | list[str] = "all-linear"
+    """all-linear (all but the output head), peft-default, or a list of module names."""
+
+    lr: float = 1e-3
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+    per_device_batch_size: int = 4
+    """Examples per micro-batch per process."""
+    global_batch_size: int = 32
+    """Examples per optimizer step over all processes (accumulation is derived)."""
+    epochs_per_layer: int = 1
+    """Passes over the examples in each layer's phase."""
+    seed: int = 42
+    """Seed of data order, random targets, LoRA init and dropout."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every k optimizer steps (and at each phase end); 0 = phase ends only."""
+    on_nan: str = "stop"
+    """A non-finite loss: stop (raise with the step, layer and losses) or skip (drop that batch, count it)."""
+    report_to: str | None = None
+    """Also log to tensorboard or wandb through accelerate's trackers."""
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy"))
+        _choice("retain_loss", self.retain_loss, ("l2", "kl"))
+        _choice("schedule_scope", self.schedule_scope, ("phase", "run"))
+        _choice("on_nan", self.on_nan, ("stop", "skip"))
+        _choice("report_to", self.report_to, (None, "tensorboard", "wandb"))
+        for name in ("remove_coef", "retain_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("lora_r", "lora_alpha", "num_train_examples", "max_length", "per_device_batch_size",
+                     "global_batch_size", "epochs_per_layer"):
+            _at_least(name, getattr(self, name), 1)
+        if self.lr <= 0:
+            raise UserError(f"lr must be > 0 (got {self.lr})")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.layers is not None and not self.layers:
+            raise UserError("layers is an empty list; give target layers back to front or drop the key")
+        if self.global_batch_size % self.per_device_batch_size:
+            raise UserError(f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
+                            f"{self.per_device_batch_size}; change one of them")
+        if self.num_train_examples < self.global_batch_size:
+            raise UserError(f"num_train_examples {self.num_train_examples} is fewer than one global batch "
+                            f"({self.global_batch_size}); raise it or lower global_batch_size")
+
+    def target_layers(self) -> list[int]:
+        """The target layers, back to front."""
+        from sequnlearn.unlearn.schedule import layer_order
+
+        if self.layers is not None:
+            return list(self.layers)
+        return layer_order(self.layer_start, self.layer_end, self.layer_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        shown = ", ".join("null" if a is None else str(a) for a in allowed)
+        raise UserError(f"{name} {value!r} is not valid; use one of {shown}")
+
+
+def _at_least(name: str, value, low) -> None:
+    if value < low:
+        raise UserError(f"{name} must be >= {low} (got {value})")
+
+
+def _coerce_fields(obj) -> None:
+    """Check (and where lossless, convert) each field's value to its declared type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        setattr(obj, f.name, _coerce(f.name, value, hints[f.name]))
+
+
+def _coerce(name: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(name, value, arm)
+            except UserError as e:
+                errors.append(e)
+        raise errors[-1]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise UserError(f"{name} must be null")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{name} must be a list (got {value!r})")
+        (item,) = typing.get_args(tp)
+        return [_coerce(name, v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"{name} must be a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"{name} must be a string (got {value!r})")
+    return value
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping.
+
+    Raises:
+        UserError: missing file, syntax error, or not a mapping.
+    """
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"YAML syntax error in {path}{where}: {getattr(e, 'problem', e)}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of key: value (got {type(data).__name__})")
+    return data
+
+
+def preset_dict(name: str) -> dict:
+    """The raw mapping of preset ``name``.
+
+    Raises:
+        UserError: no such preset (the message lists them).
+    """
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, presets(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown preset {name!r}; {hint}available: {', '.join(presets())}")
+    return read_yaml(path)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``lr=1e-4``, ``layers=[3,2]``)."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r} is not key=value; write e.g. --set remove_coef=20")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build(cls, data: dict):
+    """Make a ``cls`` config from a mapping, rejecting unknown keys with a suggestion.
+
+    Raises:
+        UserError: unknown key, wrong type, or a value out of range.
+    """
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise UserError(f"unknown config key {key!r}; {hint}")
+    return cls(**data)
+
+
+def load_config(cls=UnlearnConfig, *, preset: str | None = None, config_file: str | None = None,
+                overrides: list[str] = ()):
+    """Preset or YAML file, then ``key=value`` overrides → a validated ``cls``."""
+    data: dict = {}
+    if preset:
+        data.update(preset_dict(preset))
+    if config_file:
+        data.update(read_yaml(Path(config_file)))
+    for item in overrides:
+        key, value = parse_override(item)
+        data[key] = value
+    return build(cls, data)
+
+
+def dump_yaml(cfg) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)

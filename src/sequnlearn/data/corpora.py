@@ -1,0 +1,123 @@
+"""Forget / retain text from a hub dataset or local files; tokenization and padded batches."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sequnlearn.errors import UserError
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where a corpus comes from and which fields hold its text."""
+
+    source: str
+    subset: str | None = None
+    split: str = "train"
+    fields: tuple[str, ...] = ("text",)
+
+
+def load_texts(spec: CorpusSpec, *, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Load, join fields, drop empty texts, shuffle with ``seed`` and keep ``limit``.
+
+    Raises:
+        UserError: file missing, dataset unreachable, text field absent, nothing left.
+    """
+    if spec.source.startswith("tiny:"):
+        texts = tiny_corpus(spec.source.split(":", 1)[1], n=limit or 64, seed=seed)
+    else:
+        records = _local_records(spec) if _is_local(spec.source) else _hub_records(spec)
+        texts = [_join(r, spec) for r in records]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"corpus {spec.source} is empty after dropping empty texts; check its fields {list(spec.fields)}")
+    random.Random(seed).shuffle(texts)
+    return texts[:limit] if limit else texts
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
+
+
+def _local_records(spec: CorpusSpec) -> list[dict]:
+    path = Path(spec.source)
+    if not path.is_file():
+        raise UserError(f"corpus file {path} does not exist; check the path")
+    if path.suffix == ".txt":
+        return [{spec.fields[0]: block} for block in path.read_text(encoding="utf-8").split("\n\n")]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+            return data if isinstance(data, list) else data.get(spec.split) or data.get("data") or []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+
+
+def _hub_records(spec: CorpusSpec):
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.source, spec.subset, split=spec.split)
+    except Exception as e:  # datasets raises many types for "not reachable"
+        raise UserError(f"dataset {spec.source!r} ({spec.subset or 'default'}, split {spec.split}) is not reachable "
+                        f"({type(e).__name__}); download it first or pass a local .jsonl/.parquet/.txt file") from None
+
+
+def _join(record: dict, spec: CorpusSpec) -> str:
+    present = [f for f in spec.fields if f in record]
+    if not present:
+        raise UserError(f"corpus {spec.source} has no field {list(spec.fields)} (its fields: {sorted(record)}); "
+                        "set the *_fields key to the field holding the text")
+    return "\n\n".join(str(record[f]).strip() for f in present if record[f] and str(record[f]).strip())
+
+
+TINY_WORDS = {
+    "forget": "virus pathogen toxin spore host gene vector strain culture assay plasmid replication".split(),
+    "retain": "river city market bridge garden music festival harbor library mountain school bakery".split(),
+}
+
+
+def tiny_corpus(kind: str, *, n: int, seed: int) -> list[str]:
+    """``n`` short generated documents of one theme (``forget`` or ``retain``), for the tiny preset.
+
+    Raises:
+        UserError: ``kind`` is neither ``forget`` nor ``retain``.
+    """
+    if kind not in TINY_WORDS:
+        raise UserError(f"tiny corpus {kind!r} is unknown; use tiny:forget or tiny:retain")
+    rng = random.Random(f"{kind}-{seed}")
+    words = TINY_WORDS[kind]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) + "." for _ in range(n)]
+
+
+def tokenize(texts: list[str], tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to ``max_length``, no padding."""
+    return tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+
+
+def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of this batch.
+
+    Returns:
+        ``input_ids`` and ``attention_mask``, both ``(B, T_max)``.
+    """
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

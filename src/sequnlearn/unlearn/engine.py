@@ -1,0 +1,364 @@
+"""The phase loop: for each target layer L, back to front, train the LoRA adapter on
+forget loss (current model to layer L → original layers L+1..N) plus retain loss.
+
+One adapter and one AdamW optimizer run through all phases. The original model is the
+same weights with the adapter switched off. Every optimizer step is a pure function of
+(seed, phase, step), so an interrupted run resumed from a checkpoint ends exactly where
+an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sequnlearn.config import UnlearnConfig, dump_yaml
+from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, tokenize
+from sequnlearn.errors import UserError
+from sequnlearn.model import adapter as lora
+from sequnlearn.model.layers import Architecture, architecture, check_layers, hidden_after, run_layers
+from sequnlearn.runs import RunDir, atomic_path, atomic_write_text, provenance, read_json, write_json
+from sequnlearn.unlearn import losses
+from sequnlearn.unlearn.schedule import coefficients, progress
+
+
+class NonFiniteLoss(UserError):
+    """A NaN/inf loss stopped the run (no model is written from a broken adapter)."""
+
+
+@dataclass
+class Position:
+    """Where the run stands: phase index, optimizer steps done in it, and in total."""
+
+    phase: int = 0
+    phase_step: int = 0
+    step: int = 0
+    nan_skipped: int = 0
+
+
+@dataclass
+class Batches:
+    """Tokenized forget and retain examples."""
+
+    forget: list[list[int]]
+    retain: list[list[int]]
+    pad_id: int
+
+
+class Unlearner:
+    """Runs the phases of one config on one model; see the module docstring."""
+
+    def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, accelerator):
+        self.cfg, self.tokenizer, self.data, self.run, self.acc = cfg, tokenizer, batches, run, accelerator
+        self.layers = cfg.target_layers()
+        self.model = lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                   target_modules=cfg.target_modules)
+        lora.lora_dropout_train_mode(self.model)
+        self.arch: Architecture = architecture(self.model)
+        check_layers(self.arch, self.layers)
+        retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(self.arch.num_layers))
+        check_layers(self.arch, retain_layers)
+        self.retain_layers = retain_layers
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        world = accelerator.num_processes
+        per_step = cfg.per_device_batch_size * world
+        if cfg.global_batch_size % per_step:
+            raise UserError(f"global_batch_size {cfg.global_batch_size} is not divisible by per_device_batch_size "
+                            f"{cfg.per_device_batch_size} × {world} processes; change the batch sizes")
+        self.accum = cfg.global_batch_size // per_step
+        self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
+        self.checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
+                              else accelerator.device.type == "cuda")
+        self.pos = Position()
+
+    # ------------------------------------------------------------------ losses
+
+    def forget_loss(self, batch: dict, layer: int, gen: torch.Generator) -> torch.Tensor:
+        """Current model (adapter on) to ``layer`` → original layers ``layer+1..N``, norm, head → loss."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        h, ctx = hidden_after(self.arch, ids, mask, layer, adapter=True, checkpoint=self.checkpointing)
+        h = run_layers(self.arch, h, ctx, layer + 1, self.arch.num_layers, adapter=False,
+                       checkpoint=self.checkpointing)  # (B, T, D)
+        logits = self.arch.logits(h[mask.bool()])  # (N, V): only real tokens reach the head
+        if self.cfg.forget_loss == "max_entropy":
+            return losses.max_entropy(logits)
+        targets = torch.randint(logits.shape[-1], (logits.shape[0],), generator=gen).to(logits.device)  # (N,)
+        return losses.random_target_ce(logits, targets)
+
+    def retain_loss(self, batch: dict) -> torch.Tensor:
+        """L2 between current and original layer outputs, or KL(original ‖ current) on logits."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        last = self.arch.num_layers - 1
+        real = mask.bool()
+        original: list[torch.Tensor] = []
+        with torch.no_grad():
+            h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
+            orig_logits = self.arch.logits(h_orig[real]) if self.cfg.retain_loss == "kl" else None  # (N, V)
+        current: list[torch.Tensor] = []
+        h_cur, _ = hidden_after(self.arch, ids, mask, last, adapter=True, checkpoint=self.checkpointing,
+                                capture=current)
+        if self.cfg.retain_loss == "kl":
+            return losses.kl_retain(self.arch.logits(h_cur[real]), orig_logits)
+        keep = self.retain_layers
+        return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
+
+    # ------------------------------------------------------------------ steps
+
+    def _micro_batches(self, phase: int, step: int):
+        """The (forget, retain) micro-batches of this process for optimizer step ``step`` of ``phase``."""
+        cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
+        per_epoch = len(self.data.forget) // cfg.global_batch_size
+        epoch = step // per_epoch
+        order_f = torch.randperm(len(self.data.forget), generator=_gen(cfg.seed, phase, epoch, 0))
+        order_r = torch.randperm(len(self.data.retain), generator=_gen(cfg.seed, phase, epoch, 1))
+        base = (step % per_epoch) * cfg.global_batch_size
+        for m in range(self.accum):
+            start = base + (m * world + rank) * cfg.per_device_batch_size
+            idx = range(start, start + cfg.per_device_batch_size)
+            forget = [self.data.forget[order_f[i]] for i in idx]
+            retain = [self.data.retain[order_r[i % len(order_r)]] for i in idx]
+            yield m, self._to_device(collate(forget, self.data.pad_id)), self._to_device(collate(retain, self.data.pad_id))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def optimizer_step(self, phase: int, layer: int) -> dict:
+        """One optimizer step (``accum`` micro-batches) of ``phase``; returns its metrics line."""
+        cfg, pos = self.cfg, self.pos
+        total = self.steps_per_phase * (len(self.layers) if cfg.schedule_scope == "run" else 1)
+        done = pos.step if cfg.schedule_scope == "run" else pos.phase_step
+        fc, rc = coefficients(progress(done, total), cfg.remove_coef, cfg.retain_coef)
+        torch.manual_seed(cfg.seed * 100_003 + pos.step)  # LoRA dropout: a function of the step
+        t0, tokens, f_sum, r_sum, used = time.perf_counter(), 0, 0.0, 0.0, 0
+        for m, fb, rb in self._micro_batches(phase, pos.phase_step):
+            gen = _gen(cfg.seed, phase, 2 + pos.phase_step * self.accum + m, self.acc.process_index)
+            with self.acc.autocast():
+                f = self.forget_loss(fb, layer, gen)
+                r = self.retain_loss(rb)
+            if not (torch.isfinite(f) and torch.isfinite(r)):
+                self._non_finite(layer, f, r)
+                continue
+            self.acc.backward((fc * f + rc * r) / self.accum)
+            f_sum, r_sum, used = f_sum + f.item(), r_sum + r.item(), used + 1
+            tokens += int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
+        grad_norm = self._sync_and_step()
+        dt = time.perf_counter() - t0
+        return {"layer": layer, "phase": phase, "step": pos.step, "phase_step": pos.phase_step,
+                "forget_loss": _mean(f_sum, used), "retain_loss": _mean(r_sum, used),
+                "forget_coef": fc, "retain_coef": rc, "lr": self.opt.param_groups[0]["lr"],
+                "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
+                "tokens": tokens * self.acc.num_processes, "tokens_per_s": tokens * self.acc.num_processes / dt,
+                "time_s": dt}
+
+    def _non_finite(self, layer: int, f: torch.Tensor, r: torch.Tensor) -> None:
+        if self.cfg.on_nan == "skip":
+            self.pos.nan_skipped += 1
+            return
+        raise NonFiniteLoss(f"non-finite loss at step {self.pos.step} (layer {layer}, phase step "
+                            f"{self.pos.phase_step}): forget_loss={f.item()}, retain_loss={r.item()}; "
+                            "lower lr or the coefficients, or pass --set on_nan=skip; no model was written")
+
+    def _sync_and_step(self) -> float:
+        """Average LoRA gradients over processes, clip, step, zero; returns the pre-clip grad norm."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.acc.num_processes > 1:
+            flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for p, g in zip(self.params, torch.split(flat, [g.numel() for g in grads])):
+                p.grad = g.view_as(p).clone()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, on_checkpoint: Callable[[Position], None] | None = None) -> None:
+        """All phases from the current position; checkpoints as configured."""
+        from tqdm.auto import tqdm
+
+        for phase in range(self.pos.phase, len(self.layers)):
+            layer = self.layers[phase]
+            bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.acc.is_main_process,
+                       desc=f"phase {phase + 1}/{len(self.layers)} layer {layer}", dynamic_ncols=True)
+            for _ in range(self.pos.phase_step, self.steps_per_phase):
+                line = self.optimizer_step(phase, layer)
+                self._log(line)
+                self.pos.phase_step += 1
+                self.pos.step += 1
+                bar.update(1)
+                bar.set_postfix(forget=f"{line['forget_loss']:.3f}", retain=f"{line['retain_loss']:.3f}",
+                                fc=f"{line['forget_coef']:.1f}", rc=f"{line['retain_coef']:.2f}")
+                end = self.pos.phase_step == self.steps_per_phase
+                if end:
+                    self.pos.phase, self.pos.phase_step = phase + 1, 0
+                if end or (self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0):
+                    self.save_checkpoint()
+                    if on_checkpoint:
+                        on_checkpoint(self.pos)
+            bar.close()
+
+    def _log(self, line: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.run.metrics, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        self.acc.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=line["step"])
+
+    # ------------------------------------------------------------------ state
+
+    def save_checkpoint(self) -> None:
+        """Adapter weights, optimizer state and position, written atomically (main process)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        from peft import get_peft_model_state_dict
+
+        state = {"adapter": get_peft_model_state_dict(self.model), "optimizer": self.opt.state_dict(),
+                 "position": vars(self.pos).copy(), "metrics_lines": _count_lines(self.run.metrics)}
+        with atomic_path(self.run.checkpoints / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> None:
+        """Continue from ``checkpoints/state.pt``; metrics lines written after it are dropped."""
+        from peft import set_peft_model_state_dict
+
+        path = self.run.checkpoints / "state.pt"
+        if not path.is_file():
+            return  # killed before the first checkpoint: start from the beginning
+        state = torch.load(path, map_location=self.acc.device, weights_only=False)
+        set_peft_model_state_dict(self.model, state["adapter"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.pos = Position(**state["position"])
+        if self.acc.is_main_process:
+            _truncate_lines(self.run.metrics, state["metrics_lines"])
+
+    def save(self) -> None:
+        """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors)."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        _save_dir(self.run.adapter, self.model.save_pretrained)
+        merged = lora.merge_adapter(self.model)
+
+        def save_model(path: str) -> None:
+            merged.save_pretrained(path, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+
+        _save_dir(self.run.model, save_model)
+
+
+def _gen(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers."""
+    seed = 0
+    for k in key:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def _mean(total: float, n: int) -> float:
+    return total / n if n else math.nan
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+    atomic_write_text(path, "".join(lines))
+
+
+def _save_dir(path: Path, save: Callable[[str], None]) -> None:
+    """Write a directory via ``save(tmp)`` then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------- a whole run
+
+
+def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
+    """Load and tokenize the forget and retain corpora of ``cfg``.
+
+    Raises:
+        UserError: a corpus is unreachable, empty, or smaller than one global batch.
+    """
+    out = {}
+    for kind in ("forget", "retain"):
+        spec = CorpusSpec(getattr(cfg, f"{kind}_data"), getattr(cfg, f"{kind}_subset"),
+                          getattr(cfg, f"{kind}_split"), tuple(getattr(cfg, f"{kind}_fields")))
+        texts = load_texts(spec, limit=cfg.num_train_examples, seed=cfg.seed)
+        if len(texts) < cfg.global_batch_size:
+            raise UserError(f"the {kind} corpus has {len(texts)} examples, fewer than one global batch "
+                            f"({cfg.global_batch_size}); add data or lower global_batch_size")
+        out[kind] = tokenize(texts, tokenizer, cfg.max_length)
+    return Batches(out["forget"], out["retain"], tokenizer.pad_token_id)
+
+
+def make_accelerator(cfg: UnlearnConfig, run: RunDir):
+    """An ``Accelerator`` for device placement, autocast, process group and trackers."""
+    from accelerate import Accelerator
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    acc = Accelerator(mixed_precision=mp, log_with=cfg.report_to, project_dir=str(run.root))
+    if cfg.report_to:
+        acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
+    return acc
+
+
+def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
+    """Refuse to resume a run whose stored config differs from ``cfg``."""
+    import yaml
+
+    stored = yaml.safe_load(run.config.read_text())
+    diff = sorted(k for k in set(stored) | set(cfg.to_dict()) if stored.get(k) != cfg.to_dict().get(k))
+    if diff:
+        raise UserError(f"--resume: the run in {run.root} has a different config ({', '.join(diff)}); "
+                        "resume with the same config or start a new --out")
+
+
+def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
+            on_checkpoint: Callable[[Position], None] | None = None) -> RunDir:
+    """Run all phases of ``cfg`` into the (prepared) run directory ``run``; returns it."""
+    from sequnlearn.model.load import load_model
+
+    acc = make_accelerator(cfg, run)
+    if resume:
+        check_resume(cfg, run)
+        prov = read_json(run.provenance) if run.provenance.exists() else provenance(str(acc.device))
+        prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    else:
+        prov = provenance(str(acc.device))
+    if acc.is_main_process:
+        atomic_write_text(run.config, dump_yaml(cfg))
+        write_json(run.provenance, prov)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(acc.device), revision=cfg.revision)
+    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
+    if resume:
+        engine.load_checkpoint()
+    engine.train(on_checkpoint)
+    engine.save()
+    if acc.is_main_process:
+        prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        prov["nan_skipped"] = engine.pos.nan_skipped
+        write_json(run.provenance, prov)
+    acc.end_training()
+    return run
