@@ -112,7 +112,10 @@ class Architecture:
         if i not in self._tuners:
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            self._tuners[i] = [m for m in self.layers[i].modules() if isinstance(m, BaseTunerLayer)]
+            tuners = [m for m in self.layers[i].modules() if isinstance(m, BaseTunerLayer)]
+            if any(not hasattr(t, "_disable_adapters") for t in tuners):
+                raise RuntimeError("this peft version has no per-layer adapter flag; pin peft as pyproject.toml does")
+            self._tuners[i] = tuners
         return self._tuners[i]
 
 
@@ -147,18 +150,21 @@ def architecture(model: nn.Module) -> Architecture:
 
 @contextmanager
 def adapter_state(arch: Architecture, i: int, enabled: bool | None) -> Iterator[None]:
-    """Switch the adapter of decoder layer ``i`` on/off for the block; ``None`` leaves it."""
+    """Switch the adapter of decoder layer ``i`` on/off for the block; ``None`` leaves it.
+
+    Only the flag that LoRA layers read in ``forward`` is flipped. peft's public
+    ``enable_adapters`` also flips ``requires_grad`` of the adapter weights, which would drop
+    their gradients when a checkpointed recomputation toggles a layer during backward.
+    """
     tuners = arch.tuners(i) if enabled is not None else []
-    before = [not t.disable_adapters for t in tuners]
-    for t, was in zip(tuners, before):
-        if was != enabled:
-            t.enable_adapters(enabled)
+    before = [t._disable_adapters for t in tuners]
+    for t in tuners:
+        t._disable_adapters = not enabled
     try:
         yield
     finally:
         for t, was in zip(tuners, before):
-            if was != enabled:
-                t.enable_adapters(was)
+            t._disable_adapters = was
 
 
 def run_layers(arch: Architecture, h: torch.Tensor, ctx: LayerContext, start: int, stop: int, *,

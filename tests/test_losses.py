@@ -1,0 +1,66 @@
+"""Loss functions and schedules against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from sequnlearn.errors import UserError
+from sequnlearn.unlearn import losses
+from sequnlearn.unlearn.schedule import coefficients, layer_order, progress
+
+
+def test_random_target_ce_hand_computed():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0, 0.0]])
+    targets = torch.tensor([2, 0])
+    # token 0: uniform → -log(1/4) = log 4; token 1: p(0) = 3/6 → -log(1/2) = log 2
+    expected = (math.log(4) + math.log(2)) / 2 / math.log(4)
+    assert losses.random_target_ce(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_uniform_read_out_gives_one_and_zero():
+    logits = torch.zeros(5, 7)
+    assert losses.random_target_ce(logits, torch.arange(5)).item() == pytest.approx(1.0, rel=1e-6)
+    assert losses.max_entropy(logits).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_max_entropy_hand_computed():
+    logits = torch.tensor([[math.log(2.0), 0.0]])  # p = (2/3, 1/3)
+    kl = -math.log(2) - 0.5 * (math.log(2 / 3) + math.log(1 / 3))
+    assert losses.max_entropy(logits).item() == pytest.approx(kl / math.log(2), rel=1e-6)
+
+
+def test_l2_retain_hand_computed_and_masked():
+    mask = torch.tensor([[1, 1, 0]])
+    orig = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
+    cur = [torch.tensor([[[3.0, 4.0], [0.0, 0.0], [100.0, 100.0]]]),  # norms 5, 0 (pad ignored)
+           torch.tensor([[[1.0, 0.0], [0.0, 2.0], [100.0, 0.0]]])]  # norms 1, 2
+    expected = ((5 + 0) / 2 + (1 + 2) / 2) / 2
+    assert losses.l2_retain(cur, orig, mask).item() == pytest.approx(expected)
+
+
+def test_kl_retain_hand_computed():
+    orig = torch.tensor([[math.log(3.0), 0.0]])  # p_o = (3/4, 1/4)
+    cur = torch.tensor([[0.0, 0.0]])  # p_c = (1/2, 1/2)
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert losses.kl_retain(cur, orig).item() == pytest.approx(kl, rel=1e-6)
+    assert losses.kl_retain(orig, orig).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("p, forget, retain", [(0.0, 50.0, 0.0), (0.5, 43.75, 2.5), (1.0, 37.5, 5.0)])
+def test_coefficient_ramps(p, forget, retain):
+    assert coefficients(p, 50.0, 5.0) == pytest.approx((forget, retain))
+
+
+def test_progress_spans_zero_to_one():
+    assert [progress(s, 5) for s in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert progress(0, 1) == 0.0
+
+
+def test_layer_order_reference_schedule():
+    assert layer_order(28, 16, 4) == [28, 24, 20, 16]
+    assert layer_order(7, 4, 1) == [7, 6, 5, 4]
+    with pytest.raises(UserError, match="back to front"):
+        layer_order(16, 28, 4)
+    with pytest.raises(UserError, match="positive"):
+        layer_order(28, 16, 0)
