@@ -148,6 +148,83 @@ class UnlearnConfig:
         return asdict(self)
 
 
+@dataclass
+class TamperConfig:
+    """A fine-tuning attack on an unlearned model (defaults: the reference protocol)."""
+
+    data: str = "Unlearning/WMDP-Bio-Remove-Dataset"
+    """Attack corpus: hub id or local .jsonl/.json/.parquet/.txt (forget text; benign text for a control)."""
+    data_subset: str | None = None
+    """Hub dataset configuration name of the attack corpus."""
+    data_split: str = "train"
+    """Split of the attack corpus."""
+    data_fields: list[str] = field(default_factory=lambda: ["title", "abstract", "text"])
+    """Text fields of a record, joined by a blank line."""
+    num_train_examples: int | None = None
+    """Documents taken from the corpus (None = all)."""
+    max_length: int = 2048
+    """Tokens per training chunk (documents are joined with EOS and cut into chunks)."""
+    steps: int = 100
+    """Optimizer steps of the attack."""
+    eval_every: int = 10
+    """Evaluate every k steps (step 0 included)."""
+    lrs: list[float] = field(default_factory=lambda: [2e-5])
+    """Learning rates, one attack per learning rate and seed."""
+    seeds: list[int] = field(default_factory=lambda: [42])
+    """Seeds (data order), one attack per learning rate and seed."""
+    batch_size: int = 16
+    """Effective batch in chunks per optimizer step."""
+    per_device_batch_size: int = 4
+    """Chunks per forward pass (gradient accumulation makes up the rest)."""
+    lr_schedule: str = "constant"
+    """constant, or cosine (with warmup_steps of linear warmup)."""
+    warmup_steps: int = 0
+    """Linear warmup steps for the cosine schedule."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optimizer: str = "adamw"
+    """adamw, adamw_8bit or paged_adamw_8bit (the last two need bitsandbytes and a GPU)."""
+    method: str = "full"
+    """full (every parameter) or lora."""
+    lora_r: int = 16
+    """LoRA rank when method is lora."""
+    lora_targets: str | list[str] = "all-linear"
+    """LoRA target modules when method is lora."""
+    forget_task: str = "wmdp_bio_robust"
+    """Forget evaluation: a task name or an MCQ file."""
+    retain_task: str | None = None
+    """Optional retain evaluation: a task name or an MCQ file."""
+    eval_style: str = "letter"
+    """letter or cloze scoring."""
+    eval_limit: int | None = None
+    """At most this many questions per subtask."""
+    eval_batch_size: int = 16
+    """Sequences per evaluation forward pass."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."""
+    gradient_checkpointing: bool | None = None
+    """None = on with a GPU."""
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+        _choice("method", self.method, ("full", "lora"))
+        _choice("eval_style", self.eval_style, ("letter", "cloze"))
+        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        for name in ("steps", "eval_every", "batch_size", "per_device_batch_size", "max_length", "lora_r",
+                     "eval_batch_size"):
+            _at_least(name, getattr(self, name), 1)
+        _at_least("warmup_steps", self.warmup_steps, 0)
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise UserError(f"lrs must be positive learning rates (got {self.lrs})")
+        if not self.seeds:
+            raise UserError("seeds is empty; give at least one seed")
+        if self.batch_size % self.per_device_batch_size:
+            raise UserError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
+                            f"{self.per_device_batch_size}; change one of them")
+
+
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         shown = ", ".join("null" if a is None else str(a) for a in allowed)

@@ -1,0 +1,201 @@
+"""Tampering attack: fine-tune an unlearned model on forget text and chart how fast the
+forget accuracy comes back (evaluated in-process every k steps, step 0 included).
+
+A removal that ten steps of fine-tuning undo is not a removal: this is the reference's
+last experiment as a command. Every evaluation that fails stops the attack with an error;
+no value is ever filled in.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sequnlearn.config import TamperConfig
+from sequnlearn.data.corpora import CorpusSpec, load_texts
+from sequnlearn.errors import UserError
+from sequnlearn.runs import write_json
+
+Loader = Callable[[], tuple]  # () -> (model, tokenizer), fresh weights each call
+
+
+def chunk_corpus(texts: list[str], tokenizer, max_length: int) -> torch.Tensor:
+    """Join documents with EOS and cut the token stream into ``max_length`` chunks.
+
+    Returns:
+        ``(N, T)`` token ids, ``T = min(max_length, total tokens)``; a short tail is dropped.
+
+    Raises:
+        UserError: the corpus holds fewer than 2 tokens.
+    """
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids + [eos])
+    if len(stream) < 2:
+        raise UserError("the attack corpus is empty after tokenization; give a corpus with text")
+    T = min(max_length, len(stream))
+    n = len(stream) // T
+    return torch.tensor(stream[: n * T], dtype=torch.long).view(n, T)  # (N, T)
+
+
+def _optimizer(cfg: TamperConfig, params, lr: float):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"optimizer {cfg.optimizer} needs bitsandbytes; pip install bitsandbytes or use adamw") from None
+    cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_at(cfg: TamperConfig, lr: float, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based)."""
+    if cfg.lr_schedule == "constant":
+        return lr
+    if step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
+
+
+def _trainable(model, cfg: TamperConfig):
+    """The model to train: itself (full fine-tune) or wrapped in a fresh LoRA adapter."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from sequnlearn.model.adapter import add_lora
+
+    return add_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, target_modules=cfg.lora_targets)
+
+
+def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
+    """Forget (and retain) accuracy of the model in memory; an evaluation error stops the attack."""
+    from sequnlearn.eval import evaluate
+
+    out = {}
+    for key, task in tasks.items():
+        res = evaluate(model, tokenizer, [task], style=cfg.eval_style, limit=cfg.eval_limit,
+                       batch_size=cfg.eval_batch_size, progress=False)
+        (summary,) = res["tasks"].values()
+        acc = summary["acc"]
+        if acc is None or not math.isfinite(acc):
+            raise RuntimeError(f"the {key} evaluation returned no accuracy ({acc!r}); the attack stops here")
+        out[f"{key}_acc"] = acc
+    return out
+
+
+def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict, texts: list[str],
+           progress: bool = True) -> list[dict]:
+    """One attack: fine-tune fresh weights for ``cfg.steps`` steps, evaluating every ``eval_every``.
+
+    Returns:
+        The curve: ``[{step, forget_acc, retain_acc?, train_loss}]``, step 0 first.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    model, tokenizer = load()
+    device = next(model.parameters()).device
+    chunks = chunk_corpus(texts, tokenizer, cfg.max_length)
+    model = _trainable(model, cfg)
+    if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
+        model.gradient_checkpointing_enable()
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
+    accum = cfg.batch_size // cfg.per_device_batch_size
+    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks), "train_loss": None}]
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, _lr_at(cfg, lr, step - 1), device)
+        bar.set_postfix(loss=f"{loss:.3f}", forget=f"{curve[-1]['forget_acc']:.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks), "train_loss": loss})
+    return curve
+
+
+def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device) -> float:
+    """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks; returns the mean loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    total = 0.0
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for m in range(accum):
+        start = (step * cfg.batch_size + m * cfg.per_device_batch_size)
+        idx = order[(torch.arange(cfg.per_device_batch_size) + start) % len(order)]  # (b,)
+        ids = chunks[idx].to(device)  # (b, T)
+        with amp:
+            loss = model(input_ids=ids, labels=ids).loss
+        if not torch.isfinite(loss):
+            raise UserError(f"the attack's training loss is {loss.item()} at step {step + 1}; lower the learning rate")
+        (loss / accum).backward()
+        total += loss.item() / accum
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return total
+
+
+def load_attack_texts(cfg: TamperConfig) -> list[str]:
+    """The attack corpus of ``cfg`` (same loaders as the engine)."""
+    spec = CorpusSpec(cfg.data, cfg.data_subset, cfg.data_split, tuple(cfg.data_fields))
+    return load_texts(spec, limit=cfg.num_train_examples, seed=0)
+
+
+def worst_case(runs: list[dict]) -> dict:
+    """The highest forget accuracy any attack reached: ``{model, lr, seed, step, forget_acc}``."""
+    best = None
+    for run in runs:
+        for point in run["curve"]:
+            if best is None or point["forget_acc"] > best["forget_acc"]:
+                best = {"model": run["model"], "lr": run["lr"], "seed": run["seed"], "step": point["step"],
+                        "forget_acc": point["forget_acc"]}
+    return best
+
+
+def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline: float | None = None,
+           progress: bool = True) -> dict:
+    """Attack each model with every (lr, seed); write ``tamper.json``, ``tamper.png``, ``tamper.md``.
+
+    Args:
+        models: label → loader returning fresh ``(model, tokenizer)``.
+        baseline: forget accuracy of the model before unlearning (a line on the plot).
+
+    Returns:
+        The ``tamper.json`` content.
+    """
+    from sequnlearn.data.mcq import load_task
+    from sequnlearn.report import plot_tamper, tamper_table
+
+    tasks = {"forget": load_task(cfg.forget_task)}
+    if cfg.retain_task:
+        tasks["retain"] = load_task(cfg.retain_task)
+    texts = load_attack_texts(cfg)
+    t0, runs = time.time(), []
+    result = {"config": asdict(cfg), "baseline": baseline, "chance": _chance(tasks["forget"]), "runs": runs}
+    for label, load in models.items():
+        for lr in cfg.lrs:
+            for seed in cfg.seeds:
+                curve = attack(load, cfg, lr=lr, seed=seed, tasks=tasks, texts=texts, progress=progress)
+                runs.append({"model": label, "lr": lr, "seed": seed, "curve": curve})
+                result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
+                write_json(out / "tamper.json", result)  # after every attack: a kill loses at most one
+    plot_tamper(result, out / "tamper.png")
+    from sequnlearn.runs import atomic_write_text
+
+    atomic_write_text(out / "tamper.md", tamper_table(result))
+    return result
+
+
+def _chance(task) -> float:
+    """Random-chance accuracy of a task: mean of 1/len(choices)."""
+    records = [r for sub in task.subtasks for r in sub.records]
+    return sum(1 / len(r.choices) for r in records) / len(records)
