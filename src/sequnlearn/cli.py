@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sequnlearn`` parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="sequnlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_unlearn, _add_eval):
+    for add in (_add_unlearn, _add_tamper, _add_eval, _add_toyworld):
         add(sub)
     return parser
 
@@ -102,6 +102,7 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> None:
+    """Evaluate a model or run directory on MCQ tasks; print the table and write eval.json."""
     from pathlib import Path
 
     from sequnlearn.eval import check_options, evaluate, format_table, load_tasks, parse_tasks
@@ -118,3 +119,96 @@ def cmd_eval(args) -> None:
     print(format_table(results))
     write_json(out, {"model": args.model, **results})
     print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------- tamper
+
+
+def _add_tamper(sub) -> None:
+    p = sub.add_parser("tamper", help="fine-tuning attack: how fast does forget accuracy come back?")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN_DIR", help="one or more models (overlaid in the plot)")
+    p.add_argument("--preset", help="a tamper preset (e.g. toy-tamper)")
+    p.add_argument("--config", help="a YAML tamper config file")
+    p.add_argument("--data", help="attack corpus: hub id or local file (default: the forget corpus)")
+    p.add_argument("--tasks", help="forget evaluation task (default wmdp_bio_robust)")
+    p.add_argument("--eval-data", help="forget evaluation MCQ file (instead of --tasks)")
+    p.add_argument("--retain-task", help="also evaluate this retain task or MCQ file")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    p.add_argument("--eval-every", type=int, help="evaluate every k steps (default 10)")
+    p.add_argument("--lr", help="learning rate(s), comma-separated (default 2e-5)")
+    p.add_argument("--seeds", help="seed(s), comma-separated (default 42)")
+    p.add_argument("--style", choices=["letter", "cloze"], help="evaluation scoring style")
+    p.add_argument("--baseline", type=float, help="forget accuracy before unlearning (plotted)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any tamper config key")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="directory for tamper.json, tamper.png, tamper.md")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=cmd_tamper)
+
+
+def cmd_tamper(args) -> None:
+    from sequnlearn.config import TamperConfig, load_config
+    from sequnlearn.model.load import load_model, model_source
+    from sequnlearn.runs import prepare_out_dir
+    from sequnlearn.tamper import tamper
+
+    flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
+             "steps": args.steps, "eval_every": args.eval_every, "eval_style": args.style,
+             "lrs": _csv(args.lr), "seeds": _csv(args.seeds)}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
+    cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
+    sources = {_label(m): model_source(m) for m in args.models}
+    out = prepare_out_dir(args.out, overwrite=args.overwrite)
+    loaders = {label: (lambda s=src: load_model(s, dtype=cfg.dtype, device=args.device))
+               for label, src in sources.items()}
+    result = tamper(loaders, cfg, out, baseline=args.baseline)
+    from pathlib import Path
+
+    print((Path(out) / "tamper.md").read_text(), end="")
+    print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
+
+
+def _csv(text: str | None) -> str | None:
+    """``1e-5,2e-5`` → ``[1e-5, 2e-5]`` as YAML for a list override."""
+    return None if text is None else "[" + text + "]"
+
+
+def _label(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return p.parent.name if p.name == "model" else p.name
+
+
+# ---------------------------------------------------------------- toyworld
+
+
+def _add_toyworld(sub) -> None:
+    p = sub.add_parser("toyworld", help="the synthetic toy world: facts, corpora, MCQs, tokenizer, base model")
+    actions = p.add_subparsers(dest="toyworld_action", required=True, metavar="ACTION")
+    b = actions.add_parser("build", help="build a toy world into --out (reused when built there with the same config)")
+    b.add_argument("--out", required=True, help="directory to build into, e.g. runs/toyworld")
+    b.add_argument("--reduced", action="store_true", help="the small test world (seconds) instead of the full one (minutes)")
+    b.add_argument("--seed", type=int, help="master seed of facts, corpora, MCQs and model init (default 0)")
+    b.add_argument("--steps", type=int, help="pretraining steps (default: the config's, 700 full, 200 reduced)")
+    b.add_argument("--overwrite", action="store_true", help="rebuild when --out holds a world built with another config")
+    b.add_argument("--quiet", action="store_true", help="no stage lines or progress bar on stderr")
+    b.set_defaults(func=cmd_toyworld)
+
+
+def cmd_toyworld(args) -> None:
+    """Build (or reuse) a toy world and print where its model, corpora and MCQ sets are."""
+    from sequnlearn.toyworld import ToyWorldConfig, build_world, load_world_info
+
+    overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+    config = ToyWorldConfig.reduced(**overrides) if args.reduced else ToyWorldConfig.from_dict(overrides)
+    paths = build_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
+    info = load_world_info(paths.root)
+    size = "reduced" if args.reduced else "full"
+    print(f"toy world ({size}, seed {config.seed}) in {paths.root}: {info['model_parameters']:,}-parameter "
+          f"GPT-NeoX, {config.steps} pretraining steps, final loss {info['final_pretrain_loss']:.3f}, "
+          f"built in {info['build_seconds']:.0f}s")
+    for label, path in (("model + tokenizer", paths.model), ("forget corpus", paths.forget_corpus),
+                        ("retain corpus", paths.retain_corpus), ("forget MCQs", paths.forget_mcq),
+                        ("retain MCQs", paths.retain_mcq), ("facts", paths.facts)):
+        print(f"  {label + ':':18} {path}")
