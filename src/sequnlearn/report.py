@@ -71,3 +71,52 @@ def tamper_table(result: dict) -> str:
                   f"({w['model']}, lr={w['lr']:g}, seed={w['seed']}); random chance {result['chance']:.2f}"
                   + (f", before unlearning {result['baseline']:.4f}." if result.get("baseline") is not None else ".")]
     return "\n".join(lines) + "\n"
+
+
+def plot_losses(metrics: list[dict], path: Path, title: str = "Unlearning losses per step") -> None:
+    """Forget and retain loss (and their coefficients) per optimizer step, phases shaded by layer."""
+    plt = _pyplot()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=[2, 1])
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m["forget_loss"] for m in metrics], label="forget loss (CE / log V)")
+    ax.plot(steps, [m["retain_loss"] for m in metrics], label="retain loss")
+    axc.plot(steps, [m["forget_coef"] for m in metrics], label="forget coef")
+    axc.plot(steps, [m["retain_coef"] for m in metrics], label="retain coef")
+    for a in (ax, axc):
+        _shade_phases(a, metrics)
+    ax.set_ylabel("loss")
+    ax.set_title(title, pad=16)
+    ax.legend(fontsize=8)
+    axc.set_xlabel("optimizer step")
+    axc.set_ylabel("coefficient")
+    axc.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _shade_phases(ax, metrics: list[dict]) -> None:
+    """Alternate background bands per phase, labelled with the target layer."""
+    bounds: dict[int, list[int]] = {}
+    for m in metrics:
+        bounds.setdefault(m["phase"], [m["step"], m["step"], m["layer"]])[1] = m["step"]
+    for phase, (lo, hi, layer) in bounds.items():
+        if phase % 2 == 0:
+            ax.axvspan(lo - 0.5, hi + 0.5, color="0.92", zorder=0)
+        ax.text((lo + hi) / 2, 1.0, f"L{layer}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
+                fontsize=8)
+
+
+def plot_phase_accuracy(points: list[dict], path: Path, *, chance: float = 0.25) -> None:
+    """Forget and retain accuracy after each phase (``points``: ``{label, forget_acc, retain_acc}``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    x = range(len(points))
+    ax.plot(x, [p["forget_acc"] for p in points], marker="o", label="forget (hazard) accuracy")
+    ax.plot(x, [p["retain_acc"] for p in points], marker="s", label="retain accuracy")
+    ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
+    ax.set_xticks(list(x), [p["label"] for p in points])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("after phase (target layer)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Accuracy through sequential unlearning")
+    ax.legend(fontsize=8)
+    _save(fig, path)

@@ -180,8 +180,15 @@ class Unlearner:
 
     # ------------------------------------------------------------------ loop
 
-    def train(self, on_checkpoint: Callable[[Position], None] | None = None) -> None:
-        """All phases from the current position; checkpoints as configured."""
+    def train(self, on_checkpoint: Callable[[Position], None] | None = None,
+              on_phase_end: Callable[["Unlearner", int, int], None] | None = None) -> None:
+        """All phases from the current position; checkpoints as configured.
+
+        Args:
+            on_checkpoint: called with the position after each checkpoint is written.
+            on_phase_end: called as ``(engine, phase, layer)`` after each phase (e.g. to evaluate
+                the model in memory, adapter on).
+        """
         from tqdm.auto import tqdm
 
         for phase in range(self.pos.phase, len(self.layers)):
@@ -204,6 +211,8 @@ class Unlearner:
                     if on_checkpoint:
                         on_checkpoint(self.pos)
             bar.close()
+            if on_phase_end:
+                on_phase_end(self, phase, layer)
 
     def _log(self, line: dict) -> None:
         if self.acc.is_main_process:
@@ -335,8 +344,12 @@ def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
 
 
 def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
-            on_checkpoint: Callable[[Position], None] | None = None) -> RunDir:
-    """Run all phases of ``cfg`` into the (prepared) run directory ``run``; returns it."""
+            on_checkpoint: Callable[[Position], None] | None = None,
+            on_phase_end: Callable[[Unlearner, int, int], None] | None = None) -> RunDir:
+    """Run all phases of ``cfg`` into the (prepared) run directory ``run``; returns it.
+
+    ``on_checkpoint`` and ``on_phase_end`` are passed to :meth:`Unlearner.train`.
+    """
     from sequnlearn.model.load import load_model
 
     acc = make_accelerator(cfg, run)
@@ -354,7 +367,7 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
     engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
     if resume:
         engine.load_checkpoint()
-    engine.train(on_checkpoint)
+    engine.train(on_checkpoint, on_phase_end)
     engine.save()
     if acc.is_main_process:
         prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

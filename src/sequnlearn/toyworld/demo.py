@@ -1,0 +1,161 @@
+"""The whole pipeline on the toy world: build → evaluate → unlearn → evaluate → tamper → report.
+
+What ``make demo`` runs (``sequnlearn demo --out runs/demo``). Each step shows progress and
+writes its results as it goes; the world is built once and reused.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sequnlearn.runs import RunDir, atomic_write_text, read_jsonl, write_json
+
+METRIC = "cloze_acc"
+
+
+@dataclass
+class DemoOptions:
+    """What the demo runs on; the defaults are ``make demo``'s."""
+
+    out: Path
+    """Demo directory: report.md, summary.json, plots, and the unlearn / tamper runs under it."""
+    world_dir: Path = Path("runs/toyworld")
+    """Where the toy world is built (or reused)."""
+    world_config: object = None
+    """A ``ToyWorldConfig`` (None = the full world)."""
+    unlearn_preset: str = "toy-l2"
+    """Unlearning preset; its model and corpus paths are pointed at ``world_dir``."""
+    unlearn_overrides: list[str] = field(default_factory=list)
+    """Extra ``key=value`` overrides of the unlearning config."""
+    tamper_preset: str | None = "toy-tamper"
+    """Tamper preset, or None to skip the attack."""
+    tamper_overrides: list[str] = field(default_factory=list)
+    """Extra ``key=value`` overrides of the tamper config."""
+    progress: bool = True
+    """Progress bars and stage lines."""
+
+
+def _say(opts: DemoOptions, msg: str) -> None:
+    if opts.progress:
+        print(f"[demo] {msg}", flush=True)
+
+
+def _accuracy(model, tokenizer, tasks: dict) -> dict:
+    """Cloze accuracy on the forget and retain MCQ sets: ``{forget_acc, retain_acc}``."""
+    from sequnlearn.eval import evaluate
+
+    res = evaluate(model, tokenizer, list(tasks.values()), style="cloze", progress=False)
+    return {f"{key}_acc": res["tasks"][task.name]["acc"] for key, task in tasks.items()}
+
+
+def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict]]:
+    """Unlearn with the preset, evaluating the model in memory after every phase."""
+    from sequnlearn.config import load_config
+    from sequnlearn.runs import prepare_out_dir
+    from sequnlearn.unlearn.engine import unlearn
+
+    world = [f"model={paths.model}", f"forget_data={paths.forget_corpus}", f"retain_data={paths.retain_corpus}"]
+    cfg = load_config(preset=opts.unlearn_preset, overrides=world + list(opts.unlearn_overrides))
+    run = RunDir(prepare_out_dir(opts.out / "unlearn", overwrite=True))
+    phases: list[dict] = []
+
+    def after_phase(engine, phase: int, layer: int) -> None:
+        acc = _accuracy(engine.model, engine.tokenizer, tasks)
+        phases.append({"label": f"L{layer}", "phase": phase, "layer": layer, **acc})
+        _say(opts, f"after layer {layer}: forget {acc['forget_acc']:.3f}  retain {acc['retain_acc']:.3f}")
+
+    unlearn(cfg, run, on_phase_end=after_phase)
+    return run, phases
+
+
+def _tamper(opts: DemoOptions, paths, baseline: float) -> dict | None:
+    from sequnlearn.config import TamperConfig, load_config
+    from sequnlearn.model.load import load_model
+    from sequnlearn.runs import prepare_out_dir
+    from sequnlearn.tamper import tamper
+
+    if opts.tamper_preset is None:
+        _say(opts, "tamper attack skipped")
+        return None
+    world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}"]
+    cfg = load_config(TamperConfig, preset=opts.tamper_preset, overrides=world + list(opts.tamper_overrides))
+    out = prepare_out_dir(opts.out / "tamper", overwrite=True)
+    unlearned = opts.out / "unlearn" / "model"
+    return tamper({"toy-l2": lambda: load_model(str(unlearned), dtype="fp32")}, cfg, out, baseline=baseline,
+                  progress=opts.progress)
+
+
+def run_demo(opts: DemoOptions) -> dict:
+    """Run the pipeline; returns (and writes) ``summary.json``."""
+    from sequnlearn.data.mcq import load_task
+    from sequnlearn.model.load import load_model
+    from sequnlearn.toyworld import build_world
+
+    t0 = time.time()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    _say(opts, f"1/6 toy world in {opts.world_dir}")
+    paths = build_world(opts.world_dir, opts.world_config, progress=opts.progress)
+    tasks = {"forget": load_task(str(paths.forget_mcq)), "retain": load_task(str(paths.retain_mcq))}
+    _say(opts, "2/6 evaluating the base model")
+    baseline = _accuracy(*load_model(str(paths.model), dtype="fp32"), tasks)
+    _say(opts, f"base model: forget {baseline['forget_acc']:.3f}  retain {baseline['retain_acc']:.3f}")
+    _say(opts, f"3/6 unlearning with preset {opts.unlearn_preset}")
+    run, phases = _unlearn(opts, paths, tasks)
+    _say(opts, "4/6 evaluating the unlearned model")
+    unlearned = _accuracy(*load_model(str(run.model), dtype="fp32"), tasks)
+    write_json(run.eval, {"metric": METRIC, **unlearned})
+    _say(opts, "5/6 tampering attack")
+    attack = _tamper(opts, paths, baseline["forget_acc"])
+    summary = {"baseline": baseline, "unlearned": unlearned, "metric": METRIC, "phases": phases,
+               "tamper": [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p}
+                          for p in attack["runs"][0]["curve"]] if attack else None,
+               "world": str(paths.root), "unlearn_run": str(run.root), "wall_s": None}
+    _say(opts, "6/6 report")
+    write_report(opts.out, summary, read_jsonl(run.metrics))
+    summary["wall_s"] = round(time.time() - t0, 1)
+    write_json(opts.out / "summary.json", summary)
+    _say(opts, f"done in {summary['wall_s']:.0f}s: {opts.out / 'report.md'}")
+    return summary
+
+
+def write_report(out: Path, summary: dict, metrics: list[dict]) -> None:
+    """``report.md`` with the reference-style table, and the PNG plots it shows."""
+    from sequnlearn.report import plot_losses, plot_phase_accuracy
+
+    b, u = summary["baseline"], summary["unlearned"]
+    points = [{"label": "base", **b}] + summary["phases"]
+    plot_phase_accuracy(points, out / "accuracy_per_phase.png")
+    plot_losses(metrics, out / "losses.png")
+    lines = ["# Toy-world demo: sequential back-to-front unlearning", "",
+             "Cloze accuracy on the toy world's MCQ sets (forget = invented pathogens, the WMDP-Bio stand-in; "
+             "retain = invented cities, the MMLU stand-in). Random chance: 0.25.", "",
+             "| Model | Forget acc | Retain acc | Notes |", "|---|---|---|---|",
+             f"| Base | {b['forget_acc']:.4f} | {b['retain_acc']:.4f} | |",
+             f"| Unlearned ({summary['unlearn_run']}) | {u['forget_acc']:.4f} | {u['retain_acc']:.4f} | "
+             f"{_note(b, u)} |", "| Random chance | 0.2500 | 0.2500 | |", "",
+             "## After each phase", "", "| Phase | Layer | Forget acc | Retain acc |", "|---|---|---|---|"]
+    lines += [f"| {p['phase'] + 1} | {p['layer']} | {p['forget_acc']:.4f} | {p['retain_acc']:.4f} |"
+              for p in summary["phases"]]
+    lines += ["", "![accuracy per phase](accuracy_per_phase.png)", "", "![losses](losses.png)", ""]
+    if summary["tamper"]:
+        lines += ["## Tampering attack", "", (out / "tamper" / "tamper.md").read_text(), "",
+                  "![tamper](tamper/tamper.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _note(base: dict, after: dict) -> str:
+    notes = []
+    if after["forget_acc"] < 0.25:
+        notes.append("below random (0.25)")
+    drop = base["retain_acc"] - after["retain_acc"]
+    notes.append(f"retain {'-' if drop >= 0 else '+'}{abs(drop):.3f}")
+    return "; ".join(notes)
+
+
+def reduced_overrides() -> tuple[list[str], list[str]]:
+    """Unlearning and tamper overrides that fit :meth:`ToyWorldConfig.reduced` (4 layers, 48 documents)."""
+    unlearn = ["num_train_examples=48", "layers=[3, 2]", "per_device_batch_size=8", "global_batch_size=8"]
+    tamper = ["steps=10", "eval_every=5"]
+    return unlearn, tamper
