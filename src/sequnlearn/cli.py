@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``sequnlearn`` parser with all subcommands."""
     parser = argparse.ArgumentParser(prog="sequnlearn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_unlearn, _add_tamper, _add_eval, _add_toyworld):
+    for add in (_add_unlearn, _add_tamper, _add_sweep, _add_report, _add_eval, _add_toyworld, _add_demo):
         add(sub)
     return parser
 
@@ -212,3 +212,95 @@ def cmd_toyworld(args) -> None:
                         ("retain corpus", paths.retain_corpus), ("forget MCQs", paths.forget_mcq),
                         ("retain MCQs", paths.retain_mcq), ("facts", paths.facts)):
         print(f"  {label + ':':18} {path}")
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the toy world (what `make demo` runs)")
+    p.add_argument("--out", default="runs/demo", help="demo directory (report.md, summary.json, plots, runs)")
+    p.add_argument("--world", default="runs/toyworld", help="toy world directory (built once, then reused)")
+    p.add_argument("--reduced", action="store_true", help="a small world and model: a quick look in about a minute")
+    p.add_argument("--preset", default="toy-l2", help="unlearning preset (toy-l2 or toy-kl)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an unlearning config key")
+    p.add_argument("--no-tamper", action="store_true", help="skip the tampering attack")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> None:
+    from pathlib import Path
+
+    from sequnlearn.toyworld import ToyWorldConfig
+    from sequnlearn.toyworld.demo import DemoOptions, reduced_overrides, run_demo
+
+    world_cfg = ToyWorldConfig.reduced() if args.reduced else ToyWorldConfig()
+    unlearn_sets, tamper_sets = reduced_overrides() if args.reduced else ([], [])
+    opts = DemoOptions(out=Path(args.out), world_dir=Path(args.world), world_config=world_cfg,
+                       unlearn_preset=args.preset, unlearn_overrides=unlearn_sets + list(args.set),
+                       tamper_preset=None if args.no_tamper else "toy-tamper", tamper_overrides=tamper_sets)
+    summary = run_demo(opts)
+    b, u = summary["baseline"], summary["unlearned"]
+    print(f"forget acc {b['forget_acc']:.3f} -> {u['forget_acc']:.3f}   retain acc {b['retain_acc']:.3f} -> "
+          f"{u['retain_acc']:.3f}   ({summary['metric']}, {summary['wall_s']:.0f}s)  see {args.out}/report.md")
+
+
+# ---------------------------------------------------------------- sweep / report
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of unlearning configs, one run directory per point")
+    p.add_argument("sweep", metavar="NAME_OR_FILE", help="a shipped sweep (reference-l2, toy-l2, ...) or a YAML file")
+    p.add_argument("--dry-run", action="store_true", help="list the points (varied key=value) and change nothing")
+    p.add_argument("--only", type=int, metavar="N", help="run only point N (0-based; for job arrays)")
+    p.add_argument("--out", default="runs/sweeps", help="parent directory; the sweep writes OUT/NAME/")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: run the points one after another; slurm: write an sbatch job-array script")
+    p.add_argument("--accelerate-args", help="with --launcher slurm: run each point under `accelerate launch ARGS`")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args) -> None:
+    from pathlib import Path
+
+    from sequnlearn.sweep import load_sweep, run_baseline, run_point, write_slurm
+
+    sweep = load_sweep(args.sweep)
+    points = sweep.points()
+    out = Path(args.out) / sweep.name
+    if args.dry_run:
+        for i, point in enumerate(points):
+            print(f"{i:3d}  " + "  ".join(f"{k}={v}" for k, v in point.items() if k in sweep.varied() or len(points) == 1))
+        print(f"{len(points)} points -> {out}/")
+        return
+    if args.only is not None and not 0 <= args.only < len(points):
+        from sequnlearn.errors import UserError
+
+        raise UserError(f"--only {args.only} is out of range; this sweep has points 0..{len(points) - 1}")
+    if args.launcher == "slurm":
+        path = write_slurm(sweep, out, args.accelerate_args)
+        print(f"wrote {path}; submit it with: sbatch {path}")
+        return
+    for i in [args.only] if args.only is not None else range(len(points)):
+        run_point(sweep, i, out)
+    if args.only is None:
+        run_baseline(sweep, out)
+        print(f"sweep {sweep.name} done; make the tables with: sequnlearn report {out}")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="tables (markdown, CSV) and plots from run directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively)")
+    p.add_argument("--out", help="where to write (default: the first DIR)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> None:
+    from pathlib import Path
+
+    from sequnlearn.report import write_report
+
+    dirs = [Path(d) for d in args.dirs]
+    result = write_report(dirs, Path(args.out) if args.out else dirs[0])
+    print(result["table"], end="")
+    print(f"{result['runs']} runs; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
