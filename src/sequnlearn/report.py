@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sequnlearn.runs import atomic_path
+from sequnlearn.runs import atomic_path, atomic_write_text
 
 
 def _pyplot():
@@ -120,3 +120,192 @@ def plot_phase_accuracy(points: list[dict], path: Path, *, chance: float = 0.25)
     ax.set_title("Accuracy through sequential unlearning")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+# ---------------------------------------------------------------------- sweep reports
+
+RETAIN_COLLAPSE_MARGIN = 0.05
+"""A retain accuracy within this of random chance counts as collapsed."""
+
+
+def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Finished runs and baselines under ``dirs`` (any depth), sorted by path.
+
+    Returns:
+        ``(runs, baselines)``; a run row has its path, config, eval and metrics.
+    """
+    import yaml
+
+    from sequnlearn.runs import read_json, read_jsonl
+
+    runs, baselines = [], []
+    for root in dirs:
+        for ev_path in sorted(Path(root).rglob("eval.json")):
+            ev = read_json(ev_path)
+            if ev.get("baseline"):
+                baselines.append({"path": str(ev_path.parent), "eval": ev})
+            elif (ev_path.parent / "config.yaml").is_file() and "forget_acc" in ev:
+                cfg = yaml.safe_load((ev_path.parent / "config.yaml").read_text())
+                runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
+                             "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
+    return runs, baselines
+
+
+def _layers(cfg: dict) -> str:
+    layers = cfg.get("layers")
+    if layers:
+        return "→".join(str(x) for x in layers)
+    return f"{cfg['layer_start']}→{cfg['layer_end']} (step {cfg['layer_step']})"
+
+
+def annotate(runs: list[dict], chance: float = 0.25) -> list[str]:
+    """Notes per run: below random, retain collapsed, best per retain loss (lowest forget, retain intact)."""
+    notes = [[] for _ in runs]
+    for i, r in enumerate(runs):
+        if r["eval"]["forget_acc"] < chance:
+            notes[i].append(f"Below random ({chance:.2f})")
+        retain = r["eval"].get("retain_acc")
+        if retain is not None and retain <= chance + RETAIN_COLLAPSE_MARGIN:
+            notes[i].append("Retain collapsed")
+    for loss in sorted({r["config"]["retain_loss"] for r in runs}):
+        ok = [i for i, r in enumerate(runs) if r["config"]["retain_loss"] == loss and "Retain collapsed" not in notes[i]]
+        if ok:
+            best = min(ok, key=lambda i: runs[i]["eval"]["forget_acc"])
+            notes[best].append(f"Best {loss.upper()}")
+    return ["; ".join(n) for n in notes]
+
+
+def table_rows(runs: list[dict], chance: float = 0.25) -> list[dict]:
+    """One row per run in the reference's columns."""
+    notes = annotate(runs, chance)
+    rows = []
+    for i, (r, note) in enumerate(zip(runs, notes), start=1):
+        c, e = r["config"], r["eval"]
+        rows.append({"Run": i, "Layers": _layers(c), "remove_coef": c["remove_coef"], "retain_coef": c["retain_coef"],
+                     "retain loss": c["retain_loss"].upper(), "forget acc": e["forget_acc"],
+                     "retain acc": e.get("retain_acc"), "Notes": note, "path": r["path"]})
+    return rows
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 1 or not v.is_integer() else f"{v:g}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict], baselines: list[dict]) -> str:
+    """The table in the reference's format, baselines first."""
+    cols = ["Run", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", "Notes"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for b in baselines:
+        e = b["eval"]
+        lines.append(f"| baseline | - | - | - | - | {_cell(e['forget_acc'])} | {_cell(e.get('retain_acc'))} | "
+                     f"{e.get('model', '')} |")
+    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The same rows as CSV (with the run directory path)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["Run"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated in (low forget, high retain), sorted by forget accuracy."""
+    front = [i for i, (f, r) in enumerate(points)
+             if not any(f2 <= f and r2 >= r and (f2, r2) != (f, r) for f2, r2 in points)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: float = 0.25) -> None:
+    """Forget vs retain accuracy scatter with the Pareto front, baseline and chance lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.6))
+    pts = [(r["forget acc"], r["retain acc"]) for r in rows if r["retain acc"] is not None]
+    for loss, marker in (("L2", "o"), ("KL", "s")):
+        sel = [r for r in rows if r["retain loss"] == loss and r["retain acc"] is not None]
+        ax.scatter([r["forget acc"] for r in sel], [r["retain acc"] for r in sel], marker=marker, label=loss, zorder=3)
+        for r in sel:
+            ax.annotate(f"rm{r['remove_coef']:g}/ret{r['retain_coef']:g}", (r["forget acc"], r["retain acc"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k-", lw=1, alpha=0.6, label="Pareto front")
+    for b in baselines:
+        ax.scatter([b["eval"]["forget_acc"]], [b["eval"].get("retain_acc", 0)], marker="*", s=160, c="k",
+                   label="baseline", zorder=4)
+    ax.axvline(chance, color="gray", ls=":", lw=1)
+    ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
+    ax.set_xlabel("forget accuracy (lower is better)")
+    ax.set_ylabel("retain accuracy (higher is better)")
+    ax.set_title("Forget / retain trade-off")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_forget_vs_remove(rows: list[dict], path: Path, chance: float = 0.25) -> None:
+    """Forget accuracy against remove_coef, one line per (retain loss, retain_coef)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["retain loss"], r["retain_coef"]), []).append(r)
+    for (loss, ret), sel in sorted(groups.items()):
+        sel = sorted(sel, key=lambda r: r["remove_coef"])
+        ax.plot([r["remove_coef"] for r in sel], [r["forget acc"] for r in sel], marker="o", label=f"{loss} ret={ret:g}")
+    ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
+    ax.set_xlabel("remove_coef")
+    ax.set_ylabel("forget accuracy")
+    ax.set_title("Forget accuracy vs remove_coef")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_sweep_losses(runs: list[dict], path: Path) -> None:
+    """Forget loss per step across phases for every run, overlaid."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in runs:
+        m = r["metrics"]
+        ax.plot([x["step"] for x in m], [x["forget_loss"] for x in m], lw=1,
+                label=f"{r['config']['retain_loss'].upper()} rm{r['config']['remove_coef']:g}/ret{r['config']['retain_coef']:g}")
+    if runs and runs[0]["metrics"]:
+        _shade_phases(ax, runs[0]["metrics"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("forget loss (CE / log V)")
+    ax.set_title("Forget loss per step across phases", pad=16)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def write_report(dirs: list[Path], out: Path) -> dict:
+    """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written."""
+    from sequnlearn.errors import UserError
+    from sequnlearn.runs import read_json
+
+    runs, baselines = collect(dirs)
+    if not runs:
+        raise UserError(f"no finished runs (config.yaml + eval.json) under {', '.join(map(str, dirs))}; run a sweep first")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(runs)
+    md = markdown_table(rows, baselines)
+    atomic_write_text(out / "report.md", "# Sweep report\n\n" + md)
+    atomic_write_text(out / "report.csv", csv_text(rows))
+    plot_tradeoff(rows, baselines, out / "tradeoff.png")
+    plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png")
+    plot_sweep_losses(runs, out / "losses.png")
+    written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"]
+    tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]
+    if tampers:
+        merged = {**tampers[0], "runs": [r for t in tampers for r in t["runs"]]}
+        plot_tamper(merged, out / "tamper.png")
+        written.append("tamper.png")
+    return {"runs": len(runs), "baselines": len(baselines), "files": written, "table": md}

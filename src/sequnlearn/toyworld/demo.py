@@ -113,14 +113,14 @@ def run_demo(opts: DemoOptions) -> dict:
                           for p in attack["runs"][0]["curve"]] if attack else None,
                "world": str(paths.root), "unlearn_run": str(run.root), "wall_s": None}
     _say(opts, "6/6 report")
-    write_report(opts.out, summary, read_jsonl(run.metrics))
+    write_demo_report(opts.out, summary, read_jsonl(run.metrics))
     summary["wall_s"] = round(time.time() - t0, 1)
     write_json(opts.out / "summary.json", summary)
     _say(opts, f"done in {summary['wall_s']:.0f}s: {opts.out / 'report.md'}")
     return summary
 
 
-def write_report(out: Path, summary: dict, metrics: list[dict]) -> None:
+def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
     """``report.md`` with the reference-style table, and the PNG plots it shows."""
     from sequnlearn.report import plot_losses, plot_phase_accuracy
 

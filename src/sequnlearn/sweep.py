@@ -1,0 +1,181 @@
+"""Sweeps are data: a grid over config keys → one run directory per point.
+
+A sweep file (YAML) names a base preset, a grid and the evaluation::
+
+    name: toy-l2
+    base: toy-l2                    # unlearning preset (or `base_config: FILE.yaml`)
+    set: {}                         # fixed overrides for every point
+    grid:
+      remove_coef: [10, 20, 30, 40, 50]
+      retain_coef: [5]
+    eval:
+      forget_task: runs/toyworld/mcq/forget.jsonl   # or wmdp_bio_robust
+      retain_task: runs/toyworld/mcq/retain.jsonl   # or mmlu
+      style: cloze                                   # or letter
+
+Each point is ``OUT/NAME/<varied key=value ...>/`` with the run directory contract of DESIGN.md;
+a point whose ``eval.json`` exists is skipped, an interrupted one is resumed. The base model is
+evaluated once into ``OUT/NAME/baseline/eval.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sequnlearn.config import PRESET_DIR, UnlearnConfig, build, preset_dict, read_yaml
+from sequnlearn.errors import UserError
+from sequnlearn.runs import RunDir, atomic_write_text, write_json
+
+SWEEP_DIR = PRESET_DIR / "sweeps"
+EVAL_KEYS = ("forget_task", "retain_task", "style", "limit", "batch_size", "num_fewshot")
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list]
+    eval: dict[str, Any]
+    source: str = ""
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, in file order (the last key varies fastest)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def varied(self) -> list[str]:
+        """Grid keys with more than one value (they name the point directories)."""
+        return [k for k, v in self.grid.items() if len(v) > 1]
+
+    def point_name(self, point: dict[str, Any]) -> str:
+        """Directory name of a point from its varied values, e.g. ``remove_coef=10``."""
+        parts = [f"{k}={_fmt(point[k])}" for k in self.varied()]
+        return "_".join(parts) or "point"
+
+    def config(self, point: dict[str, Any]) -> UnlearnConfig:
+        """The validated config of a point."""
+        return build(UnlearnConfig, {**self.base, **self.fixed, **point})
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_fmt(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).replace("/", "-")
+
+
+def sweeps() -> list[str]:
+    """Names of the shipped sweep files."""
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def load_sweep(name_or_file: str) -> Sweep:
+    """Read a shipped sweep by name, or a sweep YAML file.
+
+    Raises:
+        UserError: unknown sweep, missing keys, a grid that is not lists, or a point whose config
+            is invalid (checked for every point before anything runs).
+    """
+    path = Path(name_or_file)
+    if not path.is_file():
+        path = SWEEP_DIR / f"{name_or_file}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown sweep {name_or_file!r}; give a sweep file or one of: {', '.join(sweeps())}")
+    data = read_yaml(path)
+    unknown = set(data) - {"name", "base", "base_config", "set", "grid", "eval", "notes"}
+    if unknown:
+        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)}; use name, base, base_config, set, grid, eval")
+    if not isinstance(data.get("grid"), dict) or not all(isinstance(v, list) and v for v in data["grid"].values()):
+        raise UserError(f"{path}: grid must map config keys to non-empty lists of values")
+    base = preset_dict(data["base"]) if "base" in data else {}
+    if "base_config" in data:
+        base.update(read_yaml(Path(data["base_config"])))
+    ev = data.get("eval") or {}
+    if "forget_task" not in ev or set(ev) - set(EVAL_KEYS):
+        raise UserError(f"{path}: eval needs forget_task (and may have {', '.join(EVAL_KEYS[1:])})")
+    sweep = Sweep(data.get("name", path.stem), base, data["grid"], ev, str(path), data.get("set") or {})
+    for point in sweep.points():
+        sweep.config(point)
+    return sweep
+
+
+def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
+    """Forget (and retain) accuracy of a saved model: the content of a point's ``eval.json``."""
+    from sequnlearn.eval import evaluate
+    from sequnlearn.model.load import load_model
+
+    model, tok = load_model(model_path)
+    tasks = {k: ev[f"{k}_task"] for k in ("forget", "retain") if ev.get(f"{k}_task")}
+    res = evaluate(model, tok, list(tasks.values()), style=ev.get("style", "letter"), limit=ev.get("limit"),
+                   batch_size=ev.get("batch_size", 16), num_fewshot=ev.get("num_fewshot", 0))
+    out: dict[str, Any] = {"style": res["style"], "tasks": {}}
+    for key, name in tasks.items():
+        summary = {k: v for k, v in res["tasks"][name].items() if k != "predictions"}
+        out[f"{key}_acc"] = summary["acc"]
+        out[f"{key}_task"] = name
+        out["tasks"][name] = summary
+    return out
+
+
+def run_point(sweep: Sweep, index: int, out: Path) -> Path:
+    """Unlearn and evaluate point ``index`` into its run directory (skip if done, resume if started)."""
+    from sequnlearn.unlearn.engine import unlearn
+
+    point = sweep.points()[index]
+    run = RunDir(out / sweep.point_name(point))
+    if run.eval.exists():
+        print(f"[sweep] {run.root.name}: done, skipped")
+        return run.root
+    cfg = sweep.config(point)
+    print(f"[sweep] {index + 1}/{len(sweep.points())} {run.root.name}")
+    if not run.is_finished():
+        resume = run.is_run()
+        run.root.mkdir(parents=True, exist_ok=True)
+        unlearn(cfg, run, resume=resume)
+    result = evaluate_model(str(run.model), sweep.eval)
+    write_json(run.eval, {"point": point, **result})
+    return run.root
+
+
+def run_baseline(sweep: Sweep, out: Path) -> Path:
+    """Evaluate the base model once into ``OUT/baseline/eval.json``."""
+    run = RunDir(out / "baseline")
+    if not run.eval.exists():
+        model = sweep.config(sweep.points()[0]).model
+        print(f"[sweep] baseline: {model}")
+        write_json(run.eval, {"baseline": True, "model": model, **evaluate_model(model, sweep.eval)})
+    return run.root
+
+
+def slurm_script(sweep: Sweep, out: Path, *, accelerate_args: str | None = None) -> str:
+    """An sbatch job-array script: one point per array task, each calling ``sweep --only N``."""
+    n = len(sweep.points())
+    launcher = (f"accelerate launch {accelerate_args} -m sequnlearn" if accelerate_args is not None
+                else "sequnlearn")
+    cmd = f"{launcher} sweep {shlex.quote(sweep.source)} --only $SLURM_ARRAY_TASK_ID --out {shlex.quote(str(out.parent))}"
+    return "\n".join([
+        "#!/bin/bash",
+        f"#SBATCH --job-name=sequnlearn-{sweep.name}",
+        f"#SBATCH --array=0-{n - 1}",
+        f"#SBATCH --output={out}/slurm-%A_%a.out",
+        "#SBATCH --gpus-per-node=1",
+        "# Adjust partition, time and GPUs for your cluster; each task is one point of the grid.",
+        "set -euo pipefail",
+        cmd,
+        "",
+    ])
+
+
+def write_slurm(sweep: Sweep, out: Path, accelerate_args: str | None = None) -> Path:
+    """Write ``OUT/sweep.sbatch`` and return its path."""
+    path = out / "sweep.sbatch"
+    atomic_write_text(path, slurm_script(sweep, out, accelerate_args=accelerate_args))
+    return path
