@@ -51,6 +51,8 @@ def _add_unlearn(sub) -> None:
 
 
 def cmd_unlearn(args) -> None:
+    from pathlib import Path
+
     from sequnlearn.config import UnlearnConfig, load_config
     from sequnlearn.runs import RunDir, prepare_out_dir
 
@@ -60,7 +62,13 @@ def cmd_unlearn(args) -> None:
     if args.on_nan:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
-    run = RunDir(prepare_out_dir(args.out, resume=args.resume, overwrite=args.overwrite))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _cuda())  # under `accelerate launch` only the main process prepares --out
+    if state.is_main_process:
+        prepare_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    state.wait_for_everyone()
+    run = RunDir(Path(args.out))
     from sequnlearn.unlearn.engine import unlearn
 
     try:
@@ -69,7 +77,8 @@ def cmd_unlearn(args) -> None:
         print(f"\ninterrupted; continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume",
               file=sys.stderr)
         sys.exit(130)
-    print(f"unlearned model: {run.model}")
+    if state.is_main_process:
+        print(f"unlearned model: {run.model}")
 
 
 def _source_args(args) -> str:
@@ -304,3 +313,9 @@ def cmd_report(args) -> None:
     result = write_report(dirs, Path(args.out) if args.out else dirs[0])
     print(result["table"], end="")
     print(f"{result['runs']} runs; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

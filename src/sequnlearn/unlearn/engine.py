@@ -136,10 +136,14 @@ class Unlearner:
         total = self.steps_per_phase * (len(self.layers) if cfg.schedule_scope == "run" else 1)
         done = pos.step if cfg.schedule_scope == "run" else pos.phase_step
         fc, rc = coefficients(progress(done, total), cfg.remove_coef, cfg.retain_coef)
-        torch.manual_seed(cfg.seed * 100_003 + pos.step)  # LoRA dropout: a function of the step
         t0, tokens, f_sum, r_sum, used = time.perf_counter(), 0, 0.0, 0.0, 0
+        world = self.acc.num_processes
         for m, fb, rb in self._micro_batches(phase, pos.phase_step):
-            gen = _gen(cfg.seed, phase, 2 + pos.phase_step * self.accum + m, self.acc.process_index)
+            # Random targets and LoRA dropout are a function of the global micro-batch index, so
+            # the run is the same whatever the number of processes and wherever it resumed.
+            micro = (pos.phase_step * self.accum + m) * world + self.acc.process_index
+            gen = _gen(cfg.seed, 7, phase, micro)
+            torch.manual_seed(_seed(cfg.seed, 8, phase, micro))
             with self.acc.autocast():
                 f = self.forget_loss(fb, layer, gen)
                 r = self.retain_loss(rb)
@@ -150,13 +154,20 @@ class Unlearner:
             f_sum, r_sum, used = f_sum + f.item(), r_sum + r.item(), used + 1
             tokens += int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
         grad_norm = self._sync_and_step()
+        f_sum, r_sum, used, tokens = self._across_processes(f_sum, r_sum, used, tokens)
         dt = time.perf_counter() - t0
         return {"layer": layer, "phase": phase, "step": pos.step, "phase_step": pos.phase_step,
                 "forget_loss": _mean(f_sum, used), "retain_loss": _mean(r_sum, used),
                 "forget_coef": fc, "retain_coef": rc, "lr": self.opt.param_groups[0]["lr"],
                 "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
-                "tokens": tokens * self.acc.num_processes, "tokens_per_s": tokens * self.acc.num_processes / dt,
-                "time_s": dt}
+                "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
+
+    def _across_processes(self, *values: float) -> list[float]:
+        """Sum logged quantities over processes (identity with one process)."""
+        if self.acc.num_processes == 1:
+            return list(values)
+        summed = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.acc.device), reduction="sum")
+        return summed.tolist()
 
     def _non_finite(self, layer: int, f: torch.Tensor, r: torch.Tensor) -> None:
         if self.cfg.on_nan == "skip":
@@ -263,12 +274,17 @@ class Unlearner:
         _save_dir(self.run.model, save_model)
 
 
-def _gen(*key: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of integers."""
+def _seed(*key: int) -> int:
+    """A seed derived from a tuple of integers."""
     seed = 0
     for k in key:
         seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
+    return seed
+
+
+def _gen(*key: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers."""
+    return torch.Generator().manual_seed(_seed(*key))
 
 
 def _mean(total: float, n: int) -> float:
@@ -326,7 +342,8 @@ def make_accelerator(cfg: UnlearnConfig, run: RunDir):
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(mixed_precision=mp, log_with=cfg.report_to, project_dir=str(run.root))
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.report_to,
+                      project_dir=str(run.root))
     if cfg.report_to:
         acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
     return acc
@@ -359,6 +376,7 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     else:
         prov = provenance(str(acc.device))
+    prov["num_processes"] = acc.num_processes
     if acc.is_main_process:
         atomic_write_text(run.config, dump_yaml(cfg))
         write_json(run.provenance, prov)
