@@ -117,13 +117,15 @@ def test_retain_l2_counts_only_configured_layers(tmp_path):
 
 
 def test_training_moves_forget_loss_and_keeps_base_weights(tmp_path):
-    engine = make_engine(tmp_path, lora_dropout=0.0)
+    engine = make_engine(tmp_path, lora_dropout=0.0, forget_loss="max_entropy", lr=1e-2)
+    with torch.no_grad():
+        engine.arch.head.weight.mul_(30)  # a peaked read-out, far from uniform
     frozen = {n: p.clone() for n, p in engine.model.named_parameters() if not p.requires_grad}
     before = engine.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
     for _ in range(4):
         engine.optimizer_step(0, 3)
     after = engine.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
-    assert after < before
+    assert after < 0.9 * before
     assert all(torch.equal(p, frozen[n]) for n, p in engine.model.named_parameters() if not p.requires_grad)
 
 
