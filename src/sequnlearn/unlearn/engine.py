@@ -336,17 +336,14 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
 
 
 def make_accelerator(cfg: UnlearnConfig, run: RunDir):
-    """An ``Accelerator`` for device placement, autocast, process group and trackers."""
+    """An ``Accelerator`` for device placement, autocast, process group and trackers (not yet started)."""
     from accelerate import Accelerator
 
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.report_to,
-                      project_dir=str(run.root))
-    if cfg.report_to:
-        acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
-    return acc
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.report_to,
+                       project_dir=str(run.root))
 
 
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
@@ -369,20 +366,23 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
     """
     from sequnlearn.model.load import load_model
 
-    acc = make_accelerator(cfg, run)
     if resume:
         check_resume(cfg, run)
-        prov = read_json(run.provenance) if run.provenance.exists() else provenance(str(acc.device))
+    acc = make_accelerator(cfg, run)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+    # Everything that can fail on bad input (model, data, layers, batch sizes) runs before the
+    # first file is written into the run directory.
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(acc.device), revision=cfg.revision)
+    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
+    prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(acc.device))
+    if resume:
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    else:
-        prov = provenance(str(acc.device))
     prov["num_processes"] = acc.num_processes
     if acc.is_main_process:
         atomic_write_text(run.config, dump_yaml(cfg))
         write_json(run.provenance, prov)
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(acc.device), revision=cfg.revision)
-    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
+    if cfg.report_to:
+        acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
     if resume:
         engine.load_checkpoint()
     engine.train(on_checkpoint, on_phase_end)
