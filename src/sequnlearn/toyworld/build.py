@@ -1,0 +1,283 @@
+"""Build a toy world on disk (text, MCQs, tokenizer, pretrained base model), cached by config.
+
+Layout of ``out_dir`` (see :class:`ToyWorldPaths`)::
+
+    world.json            format version, seed, config, file list, build time, final loss (written last)
+    facts.json            entities and their attribute values per domain, and each attribute's value set
+    corpus/forget.jsonl   forget-domain documents, {"text": ...} per line
+    corpus/retain.jsonl   retain-domain documents
+    corpus/pretrain.jsonl the shuffled pretraining mix, {"text": ..., "source": ...} per line: single fact
+                          sentences, answered "Question:/Answer:" texts, letter-format MCQs if set
+    mcq/forget.jsonl      evaluation MCQs {"question", "choices", "answer", "category"}
+    mcq/retain.jsonl
+    pretrain_log.jsonl    one line per pretraining step: step, loss, lr, elapsed_s
+    model/                HF GPT-NeoX model (config.json, model.safetensors) and tokenizer files
+
+Caching: ``world.json`` is written only after everything else, so its presence marks a finished
+build. A second call with an equal config returns at once. A different config (or an older world
+format) in the same directory is an error unless ``overwrite=True``, which deletes the files listed
+above (and nothing else in the directory) and rebuilds. A directory without ``world.json`` is built
+into only when it is empty or holds nothing but the remains of an interrupted build.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sequnlearn.errors import UserError
+from sequnlearn.runs import read_json, write_json, write_jsonl
+from sequnlearn.toyworld.config import ToyWorldConfig
+from sequnlearn.toyworld.world import DOMAINS, World, generate_world
+
+WORLD_FORMAT = 1
+"""Version of the on-disk world; bump it when generation changes so old caches are not reused."""
+
+
+@dataclass(frozen=True)
+class ToyWorldPaths:
+    """Paths of a built toy world under ``root``."""
+
+    root: Path
+
+    @property
+    def world_json(self) -> Path:
+        return self.root / "world.json"
+
+    @property
+    def facts(self) -> Path:
+        return self.root / "facts.json"
+
+    @property
+    def model(self) -> Path:
+        """HF model directory; it also holds the tokenizer."""
+        return self.root / "model"
+
+    @property
+    def tokenizer(self) -> Path:
+        """Same directory as :attr:`model`."""
+        return self.model
+
+    @property
+    def pretrain_corpus(self) -> Path:
+        return self.root / "corpus" / "pretrain.jsonl"
+
+    @property
+    def pretrain_log(self) -> Path:
+        return self.root / "pretrain_log.jsonl"
+
+    @property
+    def forget_corpus(self) -> Path:
+        return self.corpus("forget")
+
+    @property
+    def retain_corpus(self) -> Path:
+        return self.corpus("retain")
+
+    @property
+    def forget_mcq(self) -> Path:
+        return self.mcq("forget")
+
+    @property
+    def retain_mcq(self) -> Path:
+        return self.mcq("retain")
+
+    def corpus(self, domain: str) -> Path:
+        """Document file of ``domain`` (``forget`` or ``retain``)."""
+        return self.root / "corpus" / f"{domain}.jsonl"
+
+    def mcq(self, domain: str) -> Path:
+        """MCQ file of ``domain`` (``forget`` or ``retain``)."""
+        return self.root / "mcq" / f"{domain}.jsonl"
+
+    def files(self) -> dict[str, str]:
+        """Name → path relative to ``root`` of every artifact (model files included)."""
+        named = {"facts": self.facts, "pretrain_corpus": self.pretrain_corpus, "pretrain_log": self.pretrain_log,
+                 "model_config": self.model / "config.json", "model_weights": self.model / "model.safetensors",
+                 "tokenizer": self.model / "tokenizer.json", "tokenizer_config": self.model / "tokenizer_config.json"}
+        for d in DOMAINS:
+            named[f"{d}_corpus"], named[f"{d}_mcq"] = self.corpus(d), self.mcq(d)
+        return {k: str(p.relative_to(self.root)) for k, p in named.items()}
+
+    def is_complete(self) -> bool:
+        """True when ``world.json`` and every artifact it implies exist."""
+        return self.world_json.is_file() and all((self.root / p).is_file() for p in self.files().values())
+
+
+def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None, *, progress: bool = True,
+                overwrite: bool = False, threads: int | None = None) -> ToyWorldPaths:
+    """Build the toy world into ``out_dir``, or reuse the one already built there with this config.
+
+    Args:
+        out_dir: directory to build into (created if missing).
+        config: the world's config; ``ToyWorldConfig()`` (the full world) when omitted.
+        progress: print stage lines and a pretraining progress bar to stderr.
+        overwrite: replace a world built with a different config instead of raising.
+        threads: torch CPU threads for pretraining; ``None``: torch's setting, lowered to the
+            cores the load average leaves idle. Not part of the config: it changes speed, not the world.
+
+    Returns:
+        The :class:`ToyWorldPaths` of the finished world.
+
+    Raises:
+        UserError: ``out_dir`` is a file; it holds a world built with another config (or an
+            older world format) and ``overwrite`` is false; or it holds files that are not a toy
+            world's (nothing there is ever deleted unless it is the world's own).
+    """
+    config = config if config is not None else ToyWorldConfig()
+    paths = ToyWorldPaths(Path(out_dir))
+    if paths.root.exists() and not paths.root.is_dir():
+        raise UserError(f"toy world out dir {paths.root} is a file; give a directory path")
+    if _cached(paths, config, overwrite):
+        _say(progress, f"toy world: reusing {paths.root} (built earlier with the same config)")
+        return paths
+    if threads is not None and threads < 1:
+        raise UserError(f"threads={threads}: give a positive number of CPU threads, or leave it unset")
+    _check_not_foreign(paths)
+    _clear(paths)
+    start = time.perf_counter()
+    world = generate_world(config)
+    _write_text_files(paths, world)
+    model_info = _build_model(paths, world, config, progress, threads)
+    write_json(paths.world_json, {
+        "format": WORLD_FORMAT, "seed": config.seed, "config": config.to_dict(), "files": paths.files(), **model_info,
+        "build_seconds": round(time.perf_counter() - start, 1),
+        "domains": {name: {"kind": d.kind, "attributes": [a.name for a in d.attributes]} for name, d in DOMAINS.items()},
+    })
+    _say(progress, f"toy world: built {paths.root} in {time.perf_counter() - start:.0f}s")
+    return paths
+
+
+def load_world_info(out_dir: str | os.PathLike) -> dict:
+    """Read ``world.json`` of a built toy world.
+
+    Raises:
+        UserError: ``out_dir`` holds no finished toy world.
+    """
+    paths = ToyWorldPaths(Path(out_dir))
+    if not paths.is_complete():
+        raise UserError(f"{paths.root} holds no finished toy world; build one with `sequnlearn toyworld build --out {paths.root}`")
+    return read_json(paths.world_json)
+
+
+def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool) -> bool:
+    """True when a finished world with this config is there; raise on a conflicting one."""
+    if not paths.world_json.is_file():
+        return False
+    try:
+        info = read_json(paths.world_json)
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable: treat as an unfinished build
+    same = info.get("format") == WORLD_FORMAT and info.get("config") == config.to_dict()
+    if same and paths.is_complete():
+        return True
+    if not same and not overwrite:
+        old = info.get("config") or {}
+        diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
+        what = f"a different config (differs in {', '.join(diff)})" if diff else f"world format {info.get('format')} (now {WORLD_FORMAT})"
+        raise UserError(f"{paths.root} holds a toy world built with {what}; pick another --out, "
+                        "or pass --overwrite (overwrite=True) to rebuild it")
+    return False
+
+
+_OWN_NAMES = {"world.json", "facts.json", "pretrain_log.jsonl", "corpus", "mcq", "model"}
+
+
+def _check_not_foreign(paths: ToyWorldPaths) -> None:
+    """Refuse a directory that has no ``world.json`` and holds anything but an interrupted build.
+
+    Raises:
+        UserError: other files are there, or a ``model/`` without the ``facts.json`` a build writes first.
+    """
+    if paths.world_json.exists() or not paths.root.is_dir():
+        return
+    names = {p.name for p in paths.root.iterdir() if not p.name.startswith(".model.")}
+    foreign = sorted(names - _OWN_NAMES)
+    if foreign or ("model" in names and "facts.json" not in names):
+        what = ", ".join(foreign) if foreign else "model/"
+        raise UserError(f"{paths.root} is not empty and holds no toy world ({what}); build into an empty or new directory")
+
+
+def _clear(paths: ToyWorldPaths) -> None:
+    """Delete the artifacts of an earlier or unfinished build (and only those)."""
+    if paths.world_json.exists():
+        paths.world_json.unlink()
+    for p in (paths.model, paths.root / "corpus", paths.root / "mcq"):
+        if p.is_dir():
+            shutil.rmtree(p)
+    for p in (paths.facts, paths.pretrain_log):
+        if p.exists():
+            p.unlink()
+    for p in paths.root.glob(".model.*.tmp"):  # left by a build killed while saving
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _write_text_files(paths: ToyWorldPaths, world: World) -> None:
+    """Write facts, corpora, the pretraining mix and the MCQ sets (each file atomically)."""
+    facts = {}
+    for name, domain in DOMAINS.items():
+        entities: dict[str, dict[str, str]] = {}
+        for f in world.facts[name]:
+            entities.setdefault(f.entity, {})[f.attribute] = f.value
+        facts[name] = {"kind": domain.kind, "entities": entities,
+                       "value_sets": {a.name: list(a.values) for a in domain.attributes},
+                       "question_stems": {a.name: a.stem for a in domain.attributes}}
+        write_jsonl(paths.corpus(name), [{"text": t} for t in world.corpora[name]])
+        write_jsonl(paths.mcq(name), world.mcqs[name])
+    write_json(paths.facts, facts)
+    write_jsonl(paths.pretrain_corpus, world.pretrain)
+
+
+def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, progress: bool,
+                 threads: int | None) -> dict:
+    """Train the tokenizer, pretrain the model, save both into ``model/`` (via a temp dir + rename).
+
+    Returns:
+        ``vocab_size``, ``model_parameters``, ``final_pretrain_loss`` (mean of the last 10 steps),
+        ``pretrain_threads`` and ``pretrain_seconds``.
+    """
+    from sequnlearn.toyworld.pretrain import auto_threads, pretrain
+    from sequnlearn.toyworld.tokenizer import train_tokenizer
+
+    texts = [d["text"] for d in world.pretrain]
+    _say(progress, f"toy world: training a {config.vocab_size}-token BPE tokenizer on {len(texts)} documents")
+    tok = train_tokenizer(texts, config.vocab_size)
+    docs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    threads = threads or auto_threads()
+    _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
+                   f"steps on {threads} CPU thread(s)")
+    model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads)
+    write_jsonl(paths.pretrain_log, log)
+    _save_model(paths, model, tok)
+    tail = [r["loss"] for r in log[-10:]]
+    return {"vocab_size": len(tok), "model_parameters": sum(p.numel() for p in model.parameters()),
+            "final_pretrain_loss": sum(tail) / len(tail), "pretrain_threads": threads,
+            "pretrain_seconds": log[-1]["elapsed_s"]}
+
+
+def _save_model(paths: ToyWorldPaths, model, tokenizer) -> None:
+    """Save model and tokenizer into a temp directory, then rename it to ``model/`` (atomic)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=paths.root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the usual permissions
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if paths.model.exists():
+            shutil.rmtree(paths.model)
+        os.replace(tmp, paths.model)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,146 @@
+"""The typed configuration of a toy world: world size, tokenizer, base model and pretraining."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from sequnlearn.errors import UserError
+
+MAX_ENTITIES = 200
+"""Upper bound on entities per domain (the name generator yields a few hundred distinct names)."""
+
+MAX_PARAPHRASES = 4
+"""Number of paraphrase templates each attribute has (see :mod:`sequnlearn.toyworld.world`)."""
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    """Everything that determines a toy world; the same config always builds the same world.
+
+    The defaults are the full world (8-layer 128-wide GPT-NeoX, 300 steps: a few minutes on two
+    CPU cores); :meth:`reduced` is a small one for tests (about half a minute).
+    """
+
+    seed: int = 0
+    """Master seed: facts, corpora, MCQ sets, tokenizer input and model initialisation follow from it."""
+
+    forget_entities: int = 40
+    """Number of invented pathogens in the forget ("hazard") domain; 4 facts each."""
+
+    retain_entities: int = 40
+    """Number of invented cities in the retain ("general knowledge") domain; 4 facts each."""
+
+    paraphrases: int = 2
+    """Paraphrase templates per fact in the corpora and the pretraining mix (1 to 4; the first is the
+    MCQ stem). Each one more costs pretraining steps: the model must see every sentence often."""
+
+    sentences_per_doc: int = 2
+    """Sentences per corpus document (documents mix facts of different entities of one domain); the
+    defaults give 160 forget documents (full) and 48 (reduced)."""
+
+    qa_per_fact: int = 1
+    """Copies per fact of ``"Question: <stem>\\nAnswer: <value>"`` (the evaluator's cloze template) in
+    the pretraining mix; 0 leaves them out."""
+
+    mcq_examples_per_fact: int = 0
+    """Letter-format MCQ examples per fact in the pretraining mix (0 leaves them out)."""
+
+    vocab_size: int = 1024
+    """Size of the byte-level BPE vocabulary trained on the corpora (256 bytes + merges + EOS)."""
+
+    hidden_size: int = 128
+    """Width of the GPT-NeoX base model."""
+
+    num_layers: int = 8
+    """Decoder layers of the base model (8 maps the reference's layers 28..16 of 32 to 7..4)."""
+
+    num_heads: int = 4
+    """Attention heads; must divide ``hidden_size``."""
+
+    seq_len: int = 64
+    """Tokens per pretraining row (documents are packed whole, never split; a fact sentence is
+    10-20 tokens, a letter-format MCQ about 40)."""
+
+    batch_size: int = 32
+    """Rows per pretraining step."""
+
+    steps: int = 300
+    """Optimizer steps of pretraining."""
+
+    lr: float = 5e-3
+    """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
+
+    warmup_steps: int = 40
+    """Linear learning-rate warmup steps."""
+
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay (memorising facts works best without it)."""
+
+    def __post_init__(self) -> None:
+        """Check ranges and cross-field constraints.
+
+        Raises:
+            UserError: a field is out of range; the message names the field and the fix.
+        """
+        for name in ("forget_entities", "retain_entities"):
+            n = getattr(self, name)
+            if not 4 <= n <= MAX_ENTITIES:
+                raise UserError(f"{name}={n}: give between 4 and {MAX_ENTITIES} entities")
+        if not 1 <= self.paraphrases <= MAX_PARAPHRASES:
+            raise UserError(f"paraphrases={self.paraphrases}: give 1 to {MAX_PARAPHRASES}")
+        for name in ("sentences_per_doc", "hidden_size", "num_layers", "num_heads", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be a positive integer")
+        for name in ("qa_per_fact", "mcq_examples_per_fact", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 300 <= self.vocab_size <= 65536:
+            raise UserError(f"vocab_size={self.vocab_size}: give 300 to 65536 (256 byte tokens come first)")
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; change one")
+        if self.seq_len < 64:
+            raise UserError(f"seq_len={self.seq_len}: use at least 64 so every document fits in a row")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
+            raise UserError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
+
+    @classmethod
+    def reduced(cls, **overrides: Any) -> "ToyWorldConfig":
+        """A small world for tests: 12 entities per domain, a 4-layer 64-wide model, about 30 s to build.
+
+        Args:
+            **overrides: fields to change on top of the reduced settings (e.g. ``seed=3``).
+
+        Returns:
+            The reduced config.
+
+        Raises:
+            UserError: an override is not a field, or its value is out of range.
+        """
+        base = dict(forget_entities=12, retain_entities=12, vocab_size=512, hidden_size=64, num_layers=4,
+                    num_heads=4, seq_len=64, batch_size=16, steps=160, lr=1e-2, warmup_steps=10)
+        return cls.from_dict({**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ToyWorldConfig":
+        """Build a config from a mapping, rejecting unknown keys.
+
+        Raises:
+            UserError: a key is not a field of :class:`ToyWorldConfig`.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UserError(f"unknown toy-world config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a plain JSON-able dict."""
+        return asdict(self)
+
+    def with_(self, **changes: Any) -> "ToyWorldConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)

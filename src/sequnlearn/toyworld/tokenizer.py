@@ -1,0 +1,37 @@
+"""A byte-level BPE tokenizer trained locally on the toy-world text, wrapped for transformers."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 2048):
+    """Train a byte-level BPE tokenizer (GPT-2 style, no prefix space) on ``texts``.
+
+    All 256 byte symbols are in the vocabulary, so any text round-trips exactly. The only special
+    token is ``<|endoftext|>``, used as eos, bos and pad; padding is on the right.
+
+    Args:
+        texts: training text (the corpora and MCQ examples of the world).
+        vocab_size: target vocabulary size (bytes + merges + ``<|endoftext|>``); the trainer
+            stops earlier when the text has no more pairs to merge.
+        model_max_length: recorded as the tokenizer's ``model_max_length``.
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=None, model_max_length=model_max_length)
+    fast.padding_side = "right"
+    return fast

@@ -1,0 +1,239 @@
+"""The toy world: determinism, MCQ records, tokenizer, the reduced build, its cache and the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sequnlearn.errors import UserError
+from sequnlearn.toyworld import DOMAINS, ToyWorldConfig, build_world, generate_world, load_world_info
+from sequnlearn.toyworld.world import LETTERS, attribute, letter_prompt, qa_text
+
+REDUCED = ToyWorldConfig.reduced()
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(REDUCED)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The reduced world, built once for the module (one thread: fastest for this model size)."""
+    return build_world(tmp_path_factory.mktemp("toyworld"), REDUCED, progress=False, threads=1)
+
+
+# ---------------------------------------------------------------- world generation
+
+
+def test_same_seed_same_world_and_other_seed_another(world):
+    assert generate_world(ToyWorldConfig.reduced()) == world
+    other = generate_world(ToyWorldConfig.reduced(seed=1))
+    for part in ("facts", "corpora", "mcqs"):
+        for d in DOMAINS:
+            assert getattr(other, part)[d] != getattr(world, part)[d], (part, d)
+    assert other.pretrain != world.pretrain
+
+
+def test_facts_cover_every_entity_and_attribute(world):
+    for name, domain in DOMAINS.items():
+        facts = world.facts[name]
+        entities = {f.entity for f in facts}
+        assert len(entities) == {"forget": REDUCED.forget_entities, "retain": REDUCED.retain_entities}[name]
+        assert len(facts) == len(entities) * len(domain.attributes)
+        for f in facts:
+            assert f.value in attribute(f).values
+
+
+def test_corpora_state_every_fact_in_each_paraphrase(world):
+    for name in DOMAINS:
+        text = "\n".join(world.corpora[name])
+        for f in world.facts[name]:
+            for template in attribute(f).templates[:REDUCED.paraphrases]:
+                assert template.format(entity=f.entity, value=f.value) in text
+    other = {"forget": "retain", "retain": "forget"}
+    for name in DOMAINS:  # no entity leaks into the other domain's corpus
+        text = " ".join(world.corpora[other[name]])
+        assert not any(re.search(rf"\b{f.entity}\b", text) for f in world.facts[name])
+
+
+def test_mcq_records_are_well_formed(world):
+    for name in DOMAINS:
+        records = world.mcqs[name]
+        assert len(records) == len(world.facts[name])
+        for fact, r in zip(world.facts[name], records):
+            assert set(r) == {"question", "choices", "answer", "category"}
+            assert isinstance(r["answer"], int) and 0 <= r["answer"] < 4
+            assert len(r["choices"]) == 4 and len(set(r["choices"])) == 4
+            assert r["choices"][r["answer"]] == fact.value
+            assert set(r["choices"]) <= set(attribute(fact).values)
+            assert r["category"] == fact.attribute
+            assert r["question"] == attribute(fact).stem.format(entity=fact.entity)
+            assert not any(c[0].isspace() for c in r["choices"])  # the scorer adds the " " delimiter
+        counts = Counter(r["answer"] for r in records)
+        assert max(counts.values()) - min(counts.values()) <= 1  # answer positions balanced
+
+
+def test_pretraining_mcq_examples_use_fresh_option_lists():
+    config = ToyWorldConfig.reduced(mcq_examples_per_fact=3)
+    w = generate_world(config)
+    for name in DOMAINS:
+        examples = [d["text"] for d in w.pretrain if d["source"] == f"mcq_{name}"]
+        assert len(examples) == 3 * len(w.facts[name])
+        held_out = {(r["question"], tuple(r["choices"])) for r in w.mcqs[name]}
+        for text in examples:
+            lines = text.split("\n")
+            choices = tuple(line[3:] for line in lines[1:5])
+            assert (lines[0], choices) not in held_out
+            assert lines[-1][len("Answer: "):] in LETTERS
+
+
+def test_prompts_match_the_evaluator_template(world):
+    mcq = pytest.importorskip("sequnlearn.data.mcq")
+    r = world.mcqs["forget"][0]
+    record = mcq.record_from_dict(r, "toy world")
+    assert letter_prompt(r["question"], r["choices"]) == mcq.build_prompt(record, "letter")
+    fact = world.facts["forget"][0]
+    assert qa_text(fact) == mcq.build_prompt(record, "cloze") + mcq.TARGET_DELIMITER + fact.value
+
+
+def test_config_validation():
+    with pytest.raises(UserError, match="num_heads"):
+        ToyWorldConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(UserError, match="paraphrases"):
+        ToyWorldConfig(paraphrases=9)
+    with pytest.raises(UserError, match="forget_entities"):
+        ToyWorldConfig.reduced(forget_entities=1)
+    with pytest.raises(UserError, match="unknown toy-world config field"):
+        ToyWorldConfig.reduced(hidden=3)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_text(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sequnlearn.toyworld.tokenizer import EOS, train_tokenizer
+
+    texts = [d["text"] for d in world.pretrain]
+    tok = train_tokenizer(texts, 400)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    for t in (loaded, tok):
+        for s in texts[:20] + ["unseen: Zürich ≠ 東京 🦠\n\t x  y", EOS]:
+            assert t.decode(t(s)["input_ids"]) == s
+        assert t.eos_token == t.pad_token == EOS and t.padding_side == "right"
+    assert len(loaded) == 400
+    again = train_tokenizer(texts, 400)  # same text, same tokenizer
+    assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+
+
+# ---------------------------------------------------------------- pretraining data
+
+
+def test_packing_keeps_documents_whole_and_rows_start_at_a_document():
+    import torch
+
+    from sequnlearn.toyworld.pretrain import IGNORE, pack_rows
+
+    eos = 99
+    docs = [[i] * n for i, n in enumerate([3, 5, 2, 7, 4, 1, 6], start=1)]
+    rows = pack_rows(docs, 8, eos, torch.Generator().manual_seed(0))  # (R, 8)
+    pieces = []
+    for row in rows.tolist():
+        content = [t for t in row if t != IGNORE]
+        assert content[-1] == eos and row[: len(content)] == content  # padding only at the end
+        pieces += [p for p in " ".join(map(str, content)).split(str(eos)) if p.strip()]
+    assert sorted(tuple(map(int, p.split())) for p in pieces) == sorted(map(tuple, docs))
+
+
+# ---------------------------------------------------------------- reduced build, cache, CLI
+
+
+def test_reduced_build_is_a_loadable_hf_model(built):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = load_world_info(built.root)
+    assert info["seed"] == REDUCED.seed and info["config"] == REDUCED.to_dict()
+    assert all((built.root / p).is_file() for p in info["files"].values())
+    model = AutoModelForCausalLM.from_pretrained(built.model)
+    tok = AutoTokenizer.from_pretrained(built.model)
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.num_hidden_layers == REDUCED.num_layers and model.config.vocab_size == len(tok)
+    assert tok.pad_token_id == tok.eos_token_id == model.config.eos_token_id
+    ids = tok(["The natural host of", "Answer:"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**ids).logits  # (2, T, V)
+    assert logits.shape[-1] == len(tok) and torch.isfinite(logits).all()
+    records = [json.loads(line) for line in built.forget_mcq.read_text().splitlines()]
+    assert len(records) == REDUCED.forget_entities * 4 and {"question", "choices", "answer"} <= set(records[0])
+
+
+def test_pretraining_loss_decreases(built):
+    losses = [json.loads(line)["loss"] for line in built.pretrain_log.read_text().splitlines()]
+    assert len(losses) == REDUCED.steps
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.3 * first, (first, last)
+
+
+def test_reduced_base_model_knows_the_facts(built):
+    """Cloze accuracy (the project's evaluator) well above chance, so unlearning has room to act."""
+    evaluation = pytest.importorskip("sequnlearn.eval")
+    from sequnlearn.model.load import load_model
+
+    model, tok = load_model(str(built.model), dtype="fp32", device="cpu")
+    res = evaluation.evaluate(model, tok, [str(built.forget_mcq), str(built.retain_mcq)], style="cloze",
+                              batch_size=64, progress=False)
+    acc = {Path(name).stem: r["acc"] for name, r in res["tasks"].items()}
+    assert acc["forget"] >= 0.75 and acc["retain"] >= 0.6, acc
+
+
+def test_second_build_reuses_the_cache(built, monkeypatch):
+    import sequnlearn.toyworld.pretrain as pretrain_module
+
+    weights = built.model / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached world was retrained")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", no_training)
+    assert build_world(built.root, ToyWorldConfig.reduced(), progress=False) == built
+    assert weights.stat().st_mtime_ns == before
+    with pytest.raises(UserError, match="differs in seed"):
+        build_world(built.root, ToyWorldConfig.reduced(seed=5), progress=False)
+
+
+def test_overwrite_rebuilds_with_the_new_config(tmp_path):
+    small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=3)
+    build_world(tmp_path, small, progress=False, threads=1)
+    (tmp_path / "notes.txt").write_text("kept")
+    build_world(tmp_path, small.with_(seed=2), progress=False, overwrite=True, threads=1)
+    assert load_world_info(tmp_path)["seed"] == 2
+    assert (tmp_path / "notes.txt").read_text() == "kept"  # only the world's own files are replaced
+
+
+def test_refuses_a_directory_that_holds_something_else(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="holds no toy world"):
+        build_world(tmp_path, ToyWorldConfig.reduced(), progress=False)
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_cli_build_reports_where_everything_is(built, capsys):
+    from sequnlearn.cli import main
+
+    main(["toyworld", "build", "--out", str(built.root), "--reduced", "--quiet"])
+    out = capsys.readouterr().out
+    assert str(built.model) in out and str(built.forget_mcq) in out and "reduced" in out
+    with pytest.raises(SystemExit) as e:
+        main(["toyworld", "build", "--out", str(built.root), "--reduced", "--seed", "3", "--quiet"])
+    assert e.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
