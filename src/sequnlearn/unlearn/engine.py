@@ -82,31 +82,52 @@ class Unlearner:
     # ------------------------------------------------------------------ losses
 
     def forget_loss(self, batch: dict, layer: int, gen: torch.Generator) -> torch.Tensor:
-        """Current model (adapter on) to ``layer`` → original layers ``layer+1..N``, norm, head → loss."""
+        """Current model (adapter on) to ``layer`` → original layers ``layer+1..N``, norm, head → loss.
+
+        Only real tokens reach the head. With a plain frozen head the loss forms the logits a chunk
+        of tokens at a time (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
         h, ctx = hidden_after(self.arch, ids, mask, layer, adapter=True, checkpoint=self.checkpointing)
         h = run_layers(self.arch, h, ctx, layer + 1, self.arch.num_layers, adapter=False,
-                       checkpoint=self.checkpointing)  # (B, T, D)
-        logits = self.arch.logits(h[mask.bool()])  # (N, V): only real tokens reach the head
+                       checkpoint=self.checkpointing)[mask.bool()]  # (N, D): only real tokens reach the head
+        head = losses.linear_head(self.arch.head)
+        if head is None:  # e.g. an adapter on the head itself: the plain logits
+            logits = self.arch.logits(h)  # (N, V)
+            if self.cfg.forget_loss == "max_entropy":
+                return losses.max_entropy(logits)
+            targets = torch.randint(logits.shape[-1], (logits.shape[0],), generator=gen).to(logits.device)  # (N,)
+            return losses.random_target_ce(logits, targets)
+        h = self.arch.norm(h)  # (N, D)
         if self.cfg.forget_loss == "max_entropy":
-            return losses.max_entropy(logits)
-        targets = torch.randint(logits.shape[-1], (logits.shape[0],), generator=gen).to(logits.device)  # (N,)
-        return losses.random_target_ce(logits, targets)
+            return losses.max_entropy_from_hidden(h, *head)
+        targets = torch.randint(head[0].shape[0], (h.shape[0],), generator=gen).to(h.device)  # (N,)
+        return losses.random_target_ce_from_hidden(h, *head, targets)
 
     def retain_loss(self, batch: dict) -> torch.Tensor:
-        """L2 between current and original layer outputs, or KL(original ‖ current) on logits."""
+        """L2 between current and original layer outputs, or KL(original ‖ current) on logits.
+
+        The original model runs under ``torch.inference_mode``; for L2 both models run only up to
+        the deepest retain layer; for KL with a plain frozen head the logits are formed a chunk of
+        tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
+        """
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        last = self.arch.num_layers - 1
         real = mask.bool()
-        original: list[torch.Tensor] = []
-        with torch.no_grad():
+        kl = self.cfg.retain_loss == "kl"
+        last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
+        head = losses.linear_head(self.arch.head) if kl else None
+        original: list[torch.Tensor] | None = None if kl else []
+        with torch.inference_mode():
             h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
-            orig_logits = self.arch.logits(h_orig[real]) if self.cfg.retain_loss == "kl" else None  # (N, V)
-        current: list[torch.Tensor] = []
+            if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
+                h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
+        current: list[torch.Tensor] | None = None if kl else []
         h_cur, _ = hidden_after(self.arch, ids, mask, last, adapter=True, checkpoint=self.checkpointing,
                                 capture=current)
-        if self.cfg.retain_loss == "kl":
-            return losses.kl_retain(self.arch.logits(h_cur[real]), orig_logits)
+        if kl and head:
+            return losses.kl_retain_from_hidden(self.arch.norm(h_cur[real]), h_orig, *head)
+        if kl:
+            return losses.kl_retain(self.arch.logits(h_cur[real]), h_orig)
         keep = self.retain_layers
         return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
 
@@ -131,7 +152,12 @@ class Unlearner:
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 
     def optimizer_step(self, phase: int, layer: int) -> dict:
-        """One optimizer step (``accum`` micro-batches) of ``phase``; returns its metrics line."""
+        """One optimizer step (``accum`` micro-batches) of ``phase``; returns its metrics line.
+
+        A micro-batch goes backward in parts (:meth:`_backward_in_parts`): forget, then retain,
+        a group of rows at a time, so no two graphs coexist. Its gradient is formed apart and
+        added to the step's only when both losses are finite (a skipped micro-batch adds nothing).
+        """
         cfg, pos = self.cfg, self.pos
         total = self.steps_per_phase * (len(self.layers) if cfg.schedule_scope == "run" else 1)
         done = pos.step if cfg.schedule_scope == "run" else pos.phase_step
@@ -144,13 +170,20 @@ class Unlearner:
             micro = (pos.phase_step * self.accum + m) * world + self.acc.process_index
             gen = _gen(cfg.seed, 7, phase, micro)
             torch.manual_seed(_seed(cfg.seed, 8, phase, micro))
-            with self.acc.autocast():
-                f = self.forget_loss(fb, layer, gen)
-                r = self.retain_loss(rb)
+            held = [p.grad for p in self.params]
+            for p in self.params:
+                p.grad = None
+            f = self._backward_in_parts(fb, lambda part: self.forget_loss(part, layer, gen), fc / self.accum)
+            r = self._backward_in_parts(rb, self.retain_loss, rc / self.accum)
+            fresh = [p.grad for p in self.params]
+            for p, g in zip(self.params, held):
+                p.grad = g
             if not (torch.isfinite(f) and torch.isfinite(r)):
                 self._non_finite(layer, f, r)
                 continue
-            self.acc.backward((fc * f + rc * r) / self.accum)
+            for p, g in zip(self.params, fresh):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
             f_sum, r_sum, used = f_sum + f.item(), r_sum + r.item(), used + 1
             tokens += int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
         grad_norm = self._sync_and_step()
@@ -161,6 +194,31 @@ class Unlearner:
                 "forget_coef": fc, "retain_coef": rc, "lr": self.opt.param_groups[0]["lr"],
                 "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
                 "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
+
+    def _backward_in_parts(self, batch: dict, loss_fn: Callable[[dict], torch.Tensor], coef: float) -> torch.Tensor:
+        """Backward ``coef`` × ``loss_fn(batch)`` one row group (:func:`_row_groups`) at a time; returns the loss.
+
+        Every loss here is a mean over real tokens, so the batch's loss (and gradient) is the sum of
+        the groups' losses weighted by their share of real tokens. A group is padded only to its own
+        longest row and its graph is freed before the next group runs. Random targets are drawn group
+        after group from one generator, in row order: the same draws as for the whole batch.
+        """
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # (B,) real tokens per row
+        total = sum(lengths)
+        loss = torch.zeros((), device=self.acc.device)
+        for start, stop in _row_groups(lengths):
+            n = sum(lengths[start:stop])
+            if total and not n:
+                continue  # rows without tokens add nothing (a batch without any gives NaN, as before)
+            width = max(lengths[start:stop]) if total else batch["attention_mask"].shape[1]
+            part = {k: v[start:stop, :width].contiguous() for k, v in batch.items()}
+            share = n / total if total else 1.0
+            with self.acc.autocast():
+                part_loss = loss_fn(part)
+            if torch.isfinite(part_loss):
+                self.acc.backward(coef * share * part_loss)
+            loss = loss + share * part_loss.detach().float()
+        return loss
 
     def _across_processes(self, *values: float) -> list[float]:
         """Sum logged quantities over processes (identity with one process)."""
@@ -285,6 +343,32 @@ def _seed(*key: int) -> int:
 def _gen(*key: int) -> torch.Generator:
     """A CPU generator seeded from a tuple of integers."""
     return torch.Generator().manual_seed(_seed(*key))
+
+
+PASS_TOKENS = 256
+"""What one more forward and backward pass costs, in padded tokens: a micro-batch is split into row
+groups only where that saves more padding than this per extra group."""
+
+
+def _row_groups(lengths: list[int]) -> list[tuple[int, int]]:
+    """Contiguous row groups ``[(start, stop), ...]`` of least padded tokens + ``PASS_TOKENS`` per group.
+
+    Rows of equal length stay together; a long row among short ones runs on its own.
+    """
+    n = len(lengths)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[i]: cost of rows 0..i-1; cut[i]: its last group's start
+    for stop in range(1, n + 1):
+        widest = 0
+        for start in range(stop - 1, -1, -1):
+            widest = max(widest, lengths[start])
+            cost = best[start] + (stop - start) * widest + PASS_TOKENS
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    groups, stop = [], n
+    while stop > 0:
+        groups.append((cut[stop], stop))
+        stop = cut[stop]
+    return groups[::-1]
 
 
 def _mean(total: float, n: int) -> float:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def random_target_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -66,3 +68,173 @@ def kl_retain(current_logits: torch.Tensor, original_logits: torch.Tensor) -> to
     logp_c = F.log_softmax(current_logits.float(), dim=-1)  # (N, V)
     logp_o = F.log_softmax(original_logits.float(), dim=-1)  # (N, V)
     return F.kl_div(logp_c, logp_o, reduction="batchmean", log_target=True)
+
+
+# --------------------------------------------------------------------------- fused head + loss
+#
+# The same losses computed from the hidden states before the output head, a chunk of tokens at a
+# time: the (N, V) logits, their float32 copy and log-softmax never exist in full, only
+# ``chunk_rows`` tokens' worth at once. The gradient with respect to the hidden states is computed
+# chunk by chunk in the forward pass (the formula PyTorch's own backward of log-softmax applies)
+# and kept as an (N, D) tensor, so the backward pass is one multiplication. Values agree with
+# ``loss(F.linear(h, weight, bias))`` up to float summation order.
+
+CHUNK_ROWS = 256
+"""Tokens per chunk of the fused losses: enough rows that each pass over the head's weight is
+amortised (fewer make the head matmul memory-bound), few enough that a chunk's float32 logits stay
+small (256 × 50304 × 4 B = 49 MiB)."""
+
+RowsFn = Callable[[torch.Tensor, "torch.Tensor | None", slice, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def random_target_ce_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 targets: torch.Tensor, *, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`random_target_ce` of ``F.linear(h, weight, bias)`` without the full logits.
+
+    Args:
+        h: ``(N, D)`` final-norm outputs at the N real tokens.
+        weight: ``(V, D)`` output head (frozen); bias: ``(V,)`` or None.
+        targets: ``(N,)`` token ids drawn uniformly from ``0..V-1``.
+        chunk_rows: tokens whose logits are computed at once.
+
+    Returns:
+        Scalar, as :func:`random_target_ce`.
+    """
+    if _trainable(weight, bias):
+        return random_target_ce(F.linear(h, weight, bias), targets)
+
+    def rows(logits: torch.Tensor, _other, sl: slice, need: bool):
+        logp = F.log_softmax(logits, dim=-1)  # (n, V)
+        t = targets[sl]  # (n,)
+        total = -logp.gather(1, t[:, None]).sum()
+        if not need:
+            return total, None
+        grad = logp.exp_()  # softmax − one-hot: d(−log p_t)/d logits
+        grad[torch.arange(len(t), device=grad.device), t] -= 1
+        return total, grad
+
+    return _head_loss(h, None, weight, bias, rows, 1.0 / (_count(h) * math.log(weight.shape[0])), chunk_rows)
+
+
+def max_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,
+                            chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`max_entropy` of ``F.linear(h, weight, bias)`` without the full logits.
+
+    Args:
+        h: ``(N, D)`` final-norm outputs at the real tokens; weight ``(V, D)``; bias ``(V,)`` or None.
+
+    Returns:
+        Scalar, as :func:`max_entropy`.
+    """
+    if _trainable(weight, bias):
+        return max_entropy(F.linear(h, weight, bias))
+    V = weight.shape[0]
+
+    def rows(logits: torch.Tensor, _other, sl: slice, need: bool):
+        logp = F.log_softmax(logits, dim=-1)  # (n, V)
+        total = (-math.log(V) - logp.mean(dim=-1)).sum()
+        if not need:
+            return total, None
+        return total, logp.exp_().sub_(1.0 / V)  # d(−mean log p)/d logits = softmax − 1/V
+
+    return _head_loss(h, None, weight, bias, rows, 1.0 / (_count(h) * math.log(V)), chunk_rows)
+
+
+def kl_retain_from_hidden(h_current: torch.Tensor, h_original: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None, *, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`kl_retain` of the two models' logits ``F.linear(h, weight, bias)`` without the full logits.
+
+    Args:
+        h_current: ``(N, D)`` final-norm outputs of the model being trained at the real tokens.
+        h_original: ``(N, D)`` the same of the original model (no gradient flows into it).
+        weight: ``(V, D)`` output head (frozen); bias: ``(V,)`` or None.
+
+    Returns:
+        Scalar, as :func:`kl_retain`.
+    """
+    if _trainable(weight, bias):
+        return kl_retain(F.linear(h_current, weight, bias), F.linear(h_original, weight, bias))
+
+    def rows(logits: torch.Tensor, other: torch.Tensor, _sl: slice, need: bool):
+        logp_c = F.log_softmax(logits, dim=-1)  # (n, V)
+        logp_o = F.log_softmax(other, dim=-1)  # (n, V)
+        p_o = logp_o.exp()
+        total = logp_o.sub_(logp_c).mul_(p_o).sum()  # Σ p_o (log p_o − log p_c), in place
+        if not need:
+            return total, None
+        # log-softmax backward of the gradient −p_o: softmax_c · Σ p_o − p_o
+        return total, logp_c.exp_().mul_(p_o.sum(dim=-1, keepdim=True)).sub_(p_o)
+
+    return _head_loss(h_current, h_original, weight, bias, rows, 1.0 / _count(h_current), chunk_rows)
+
+
+def linear_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of an output head the fused losses can use: a plain, frozen ``nn.Linear``.
+
+    Returns:
+        None for anything else (e.g. a head wrapped by an adapter), which needs the plain logits.
+    """
+    if type(head) is not torch.nn.Linear or _trainable(head.weight, head.bias):
+        return None
+    return head.weight, head.bias
+
+
+def _trainable(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the head itself needs a gradient (then the fused losses fall back to the plain ones)."""
+    return weight.requires_grad or (bias is not None and bias.requires_grad)
+
+
+def _count(h: torch.Tensor) -> float:
+    """Number of rows as a float; NaN for none, as a mean over no tokens is."""
+    return float(h.shape[0]) if h.shape[0] else math.nan
+
+
+def _head_loss(h: torch.Tensor, other: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+               rows: RowsFn, scale: float, chunk_rows: int) -> torch.Tensor:
+    """``scale`` × the sum of ``rows`` over chunks of the head's logits; see :class:`_HeadLoss`."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 (got {chunk_rows})")
+    return _HeadLoss.apply(h, other, weight, bias, rows, scale, chunk_rows)
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Output head + loss over row chunks, with the gradient for ``h`` formed in the forward pass.
+
+    ``rows(logits, other_logits, rows_slice, need_grad)`` returns the loss summed over the chunk's
+    rows and, when asked, d(that sum)/d logits ``(n, V)`` in float32. The logits are computed as
+    ``F.linear`` computes them (in the autocast dtype when autocast is on), then made float32,
+    as the plain losses do.
+    """
+
+    @staticmethod
+    def forward(ctx, h, other, weight, bias, rows, scale, chunk):  # noqa: D102 (torch API)
+        need = ctx.needs_input_grad[0]
+        w, b = _compute_weights(h, weight, bias)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need else None  # (N, D)
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logits = F.linear(h[sl].to(w.dtype), w, b)  # (n, V)
+            other_logits = None if other is None else F.linear(other[sl].to(w.dtype), w, b).float()
+            part, grad = rows(logits.float(), other_logits, sl, need)
+            total = total + part
+            if need:
+                grad_h[sl] = (grad * scale).to(w.dtype) @ w  # (n, D)
+        ctx.grad_h = grad_h
+        return total * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102 (torch API)
+        grad_h = ctx.grad_h * grad_out.to(ctx.grad_h.dtype)
+        ctx.grad_h = None
+        return grad_h, None, None, None, None, None, None
+
+
+def _compute_weights(h: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Head weight and bias in the dtype ``F.linear(h, weight, bias)`` computes in (cast once, not per chunk)."""
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+    return weight.to(dtype), (None if bias is None else bias.to(dtype))
