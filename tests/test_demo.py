@@ -1,0 +1,36 @@
+"""The whole toy-world demo on the reduced world: unlearning lowers forget accuracy, keeps retain."""
+
+import json
+
+import pytest
+
+from sequnlearn.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    main(["demo", "--reduced", "--out", str(root / "demo"), "--world", str(root / "world")])
+    return root / "demo"
+
+
+def test_demo_writes_summary_report_and_plots(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["metric"] == "cloze_acc" and summary["wall_s"] > 0
+    for key in ("baseline", "unlearned"):
+        assert set(summary[key]) == {"forget_acc", "retain_acc"}
+    assert [p["step"] for p in summary["tamper"]][:2] == [0, 5]
+    report = (demo / "report.md").read_text()
+    assert "| Base |" in report and "| Unlearned" in report and "Tampering attack" in report
+    for png in ("accuracy_per_phase.png", "losses.png", "tamper/tamper.png"):
+        assert (demo / png).stat().st_size > 10_000
+    assert (demo / "unlearn" / "eval.json").exists() and (demo / "unlearn" / "model" / "config.json").exists()
+
+
+def test_unlearning_lowers_forget_and_keeps_retain(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    base, after = summary["baseline"], summary["unlearned"]
+    assert base["forget_acc"] >= 0.6, "the reduced world's base model must know its facts"
+    assert after["forget_acc"] <= base["forget_acc"] - 0.2
+    assert after["retain_acc"] >= base["retain_acc"] - 0.1
+    assert summary["tamper"][0]["forget_acc"] == pytest.approx(after["forget_acc"])
