@@ -97,8 +97,11 @@ def test_a_nan_loss_stops_the_run_and_writes_no_model(tmp_path, monkeypatch):
 def _cli(out: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sequnlearn", "unlearn", "--preset", "tiny", "--set", "num_train_examples=40",
            "--set", "checkpoint_every=1", "--out", str(out), *extra]
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the child the default disposition, as a terminal would.
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
