@@ -158,10 +158,12 @@ def report(runs: list[dict]) -> None:
                 mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a"
                 print(f"{r['lengths']:9s} {r['retain']} {v:10s} batch {s['batch_size']:3d}: "
                       f"{s['tokens_per_s']:.0f} tok/s, MFU {mfu}, peak {s['peak_memory_mib']:.0f} MiB")
-        ratio = r["tokens_per_s_ratio"]
-        print(f"gpu_step {r['lengths']} {r['retain']}: best tokens/s sequnlearn / naive = "
-              f"{ratio:.2f}x, largest batch {r['sequnlearn']['largest_batch']} vs {r['naive']['largest_batch']}, "
-              f"losses match {r['loss_match']}" if ratio else f"gpu_step {r['lengths']} {r['retain']}: naive fit nothing")
+        ratio, name = r["tokens_per_s_ratio"], f"gpu_step {r['lengths']} {r['retain']}"
+        if ratio is None:
+            print(f"{name}: the naive variant fit no batch size")
+            continue
+        print(f"{name}: best tokens/s sequnlearn / naive = {ratio:.2f}x, largest batch "
+              f"{r['sequnlearn']['largest_batch']} vs {r['naive']['largest_batch']}, losses match {r['loss_match']}")
 
 
 def main(argv: list[str] | None = None) -> None:

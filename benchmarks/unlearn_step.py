@@ -3,8 +3,9 @@
 One step is one micro-batch of forget data and one of retain data, forward, backward, gradient
 clip and AdamW step, at target layer L (default: the reference's mean depth 22/32 of the model).
 The model is a randomly initialised GPT-NeoX of Pythia-160M's shape (``--small``: 6 layers, hidden
-256, vocab 8192, max length 256: the same balance of head to body, minutes on a CPU), fp32 on the
-CPU, bf16 on a GPU. Two variants:
+256, vocab 8192, max length 512: the same balance of head to body, minutes on a CPU), fp32 on the
+CPU, bf16 on a GPU. On the CPU each worker uses one thread unless ``--threads`` says otherwise: with
+other jobs on the cores, two-thread runs slow down several-fold at random moments. Two variants:
 
 * **naive** — the reference pattern, written here: a ``copy.deepcopy`` of the model is the frozen
   original; on forget data the LoRA model runs the full network (a forward hook keeps layer L's
@@ -22,8 +23,8 @@ step in turn, so a change of machine load hits both alike. The time ratio is the
 measured steps of sequnlearn's time / naive's time on the same batch. Losses of every step must
 agree within float tolerance, or the ratios do not count.
 
-    python benchmarks/unlearn_step.py --small                # a few minutes on 2 CPU cores
-    python benchmarks/unlearn_step.py --small --threads 1    # steadier when others load the CPU
+    python benchmarks/unlearn_step.py --small                # a few minutes on a CPU
+    python benchmarks/unlearn_step.py --small --threads 0    # torch's thread count (all cores)
     python benchmarks/unlearn_step.py --steps 5 --json /tmp/step.json
     PYTHONPATH=/tmp/old/src python benchmarks/unlearn_step.py --small   # another engine version
 
@@ -43,7 +44,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,6 +55,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from _common import (RESULTS, SHAPES, Worker, current_rss_bytes, gpt_neox, load_average, median, mib,  # noqa: E402
                      peak_memory_bytes, random_sequences, sequence_lengths, serve, synchronize)
+
+if TYPE_CHECKING:
+    from sequnlearn.config import UnlearnConfig
 
 TIME_TARGET, MEMORY_TARGET, FIXED_TARGET = 0.5, 0.6, 1.0
 PAD = 0
@@ -121,7 +125,7 @@ def perturb_lora(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * LORA_B_STD)
 
 
-def unlearn_config(s: Setup):
+def unlearn_config(s: Setup) -> UnlearnConfig:
     """The engine config of this setup (no LoRA dropout, so both variants are deterministic)."""
     from sequnlearn.config import UnlearnConfig
 
@@ -216,7 +220,12 @@ def _forward_capturing(model: torch.nn.Module, layers: torch.nn.ModuleList, ids:
 
 def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
                   device: torch.device) -> Callable[[int, Batch], dict]:
-    """sequnlearn's ``Unlearner`` on the same batches; returns ``step(i, batch)``."""
+    """sequnlearn's ``Unlearner`` on the same batches; returns ``step(i, batch)``.
+
+    Two instance attributes are replaced so that both variants see the same inputs: the engine's
+    shuffled micro-batch order (by the step's batch) and its random-target generator (by the
+    naive's). ``optimizer_step`` itself, with the losses, backward, clip and AdamW, runs unchanged.
+    """
     from accelerate import Accelerator
 
     from sequnlearn.data.corpora import collate
@@ -226,7 +235,8 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
     data = Batches([q for f, _ in batches for q in f], [q for _, r in batches for q in r], PAD)
     torch.manual_seed(s.seed)
-    engine = Unlearner(unlearn_config(s), model, None, data, RunDir(Path(tempfile.mkdtemp())), acc)
+    run = RunDir(Path(tempfile.gettempdir()) / "unused")  # optimizer_step writes nothing there
+    engine = Unlearner(unlearn_config(s), model, None, data, run, acc)
     perturb_lora(engine.model, s.seed)
     pending: list[tuple[torch.Generator, Batch]] = []
     forget_loss = engine.forget_loss
@@ -256,7 +266,7 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
 def worker(s: Setup) -> None:
     """Build the model and one variant, then run the steps the parent asks for (see ``_common.serve``)."""
     device = torch.device(s.device)
-    if s.threads:
+    if s.threads and device.type == "cpu":
         torch.set_num_threads(s.threads)
     batches = make_batches(s)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -290,7 +300,8 @@ def summarize(steps: list[dict], final: dict, warmup: int) -> dict:
     tokens = sum(r["real_tokens"] for r in rows) / len(rows)
     return {"seconds_per_step": sec, "cpu_seconds_per_step": median([r["cpu_seconds"] for r in rows]),
             "all_seconds": [r["seconds"] for r in rows], "real_tokens_per_step": tokens, "tokens_per_s": tokens / sec,
-            "peak_memory_mib": mib(final["peak_memory_bytes"]), "rss_after_model_mib": mib(final["rss_after_model_bytes"])}
+            "peak_memory_mib": mib(final["peak_memory_bytes"]),
+            "rss_after_model_mib": mib(final["rss_after_model_bytes"])}
 
 
 def compare_losses(a: list[dict], b: list[dict], rtol: float, atol: float) -> dict:
@@ -321,7 +332,8 @@ def measure(base: Setup, lengths: str, retain: str, rtol: float, atol: float) ->
             steps[v].append(workers[v].request({"cmd": "step", "step": i}))
     final = {v: w.close() for v, w in workers.items()}
     naive, seq = (summarize(steps[v], final[v], base.warmup) for v in ("naive", "sequnlearn"))
-    paired = [q["seconds"] / n["seconds"] for n, q in zip(steps["naive"][base.warmup:], steps["sequnlearn"][base.warmup:])]
+    measured = zip(steps["naive"][base.warmup:], steps["sequnlearn"][base.warmup:])
+    paired = [q["seconds"] / n["seconds"] for n, q in measured]
     return {"lengths": lengths, "retain": retain, "naive": naive, "sequnlearn": seq,
             "time_ratio": median(paired), "time_ratio_of_medians": seq["seconds_per_step"] / naive["seconds_per_step"],
             "paired_time_ratios": paired, "memory_ratio": seq["peak_memory_mib"] / naive["peak_memory_mib"],
@@ -360,9 +372,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", action="store_true",
-                   help="6 layers, hidden 256, vocab 8192, max length 256 (minutes on a CPU)")
+                   help="6 layers, hidden 256, vocab 8192, max length 512 (minutes on a CPU)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forget (and retain) micro-batch")
-    p.add_argument("--max-length", type=int, help="max tokens per sequence (default 2048; 256 with --small)")
+    p.add_argument("--max-length", type=int, help="max tokens per sequence (default 2048; 512 with --small)")
     p.add_argument("--median-length", type=int, help="median of the realistic length mix (default max/8)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-space spread of the realistic length mix")
     p.add_argument("--layer", type=int, help="target layer (default: 22/32 of the depth, the reference's mean)")
@@ -372,7 +384,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker on the CPU; 0: torch's choice")
     p.add_argument("--json", default=str(RESULTS / "unlearn_step.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         worker(Setup(**json.loads(args.worker)))
         return
     shape = "small" if args.small else "pythia-160m"
-    max_len = args.max_length or (256 if args.small else 2048)
+    max_len = args.max_length or (512 if args.small else 2048)
     depth = SHAPES[shape]["num_hidden_layers"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     base = Setup("", shape, "", "", args.layer if args.layer is not None else depth * 22 // 32, args.batch_size,
@@ -398,12 +410,13 @@ def main(argv: list[str] | None = None) -> None:
     load_before = load_average()
     runs = [measure(base, ln, rt, rtol, atol) for ln, rt in settings]
     head = report(runs)
+    import sequnlearn
     from sequnlearn.runs import write_json
 
     write_json(args.json, {"benchmark": "unlearn_step", **head, "targets": {
         "time_ratio": TIME_TARGET, "memory_ratio": MEMORY_TARGET, "fixed_time_ratio": FIXED_TARGET},
         "setup": {**asdict(base), "config": SHAPES[shape], "rtol": rtol, "atol": atol,
-                  "torch": torch.__version__, "threads": torch.get_num_threads()},
+                  "torch": torch.__version__, "sequnlearn": str(Path(sequnlearn.__file__).parent)},
         "load_average": {"before": load_before, "after": load_average()}, "runs": runs})
     print(f"wrote {args.json}", file=sys.stderr)
 

@@ -104,7 +104,7 @@ def random_target_ce_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: to
         return random_target_ce(F.linear(h, weight, bias), targets)
 
     def rows(logits: torch.Tensor, _other, sl: slice, need: bool):
-        logp = F.log_softmax(logits, dim=-1)  # (n, V)
+        logp = _log_softmax_(logits)  # (n, V)
         t = targets[sl]  # (n,)
         total = -logp.gather(1, t[:, None]).sum()
         if not need:
@@ -131,7 +131,7 @@ def max_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.T
     V = weight.shape[0]
 
     def rows(logits: torch.Tensor, _other, sl: slice, need: bool):
-        logp = F.log_softmax(logits, dim=-1)  # (n, V)
+        logp = _log_softmax_(logits)  # (n, V)
         total = (-math.log(V) - logp.mean(dim=-1)).sum()
         if not need:
             return total, None
@@ -156,8 +156,7 @@ def kl_retain_from_hidden(h_current: torch.Tensor, h_original: torch.Tensor, wei
         return kl_retain(F.linear(h_current, weight, bias), F.linear(h_original, weight, bias))
 
     def rows(logits: torch.Tensor, other: torch.Tensor, _sl: slice, need: bool):
-        logp_c = F.log_softmax(logits, dim=-1)  # (n, V)
-        logp_o = F.log_softmax(other, dim=-1)  # (n, V)
+        logp_c, logp_o = _log_softmax_(logits), _log_softmax_(other)  # (n, V) each
         p_o = logp_o.exp()
         total = logp_o.sub_(logp_c).mul_(p_o).sum()  # Σ p_o (log p_o − log p_c), in place
         if not need:
@@ -201,9 +200,9 @@ class _HeadLoss(torch.autograd.Function):
     """Output head + loss over row chunks, with the gradient for ``h`` formed in the forward pass.
 
     ``rows(logits, other_logits, rows_slice, need_grad)`` returns the loss summed over the chunk's
-    rows and, when asked, d(that sum)/d logits ``(n, V)`` in float32. The logits are computed as
-    ``F.linear`` computes them (in the autocast dtype when autocast is on), then made float32,
-    as the plain losses do.
+    rows and, when asked, d(that sum)/d logits ``(n, V)`` in float32; it may overwrite both logits
+    tensors (scratch). The logits are computed as ``F.linear`` computes them (in the autocast dtype
+    when autocast is on), then made float32, as the plain losses do.
     """
 
     @staticmethod
@@ -214,12 +213,11 @@ class _HeadLoss(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need else None  # (N, D)
         for start in range(0, h.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logits = F.linear(h[sl].to(w.dtype), w, b)  # (n, V)
-            other_logits = None if other is None else F.linear(other[sl].to(w.dtype), w, b).float()
-            part, grad = rows(logits.float(), other_logits, sl, need)
+            other_logits = None if other is None else F.linear(other[sl].to(w.dtype), w, b).float()  # (n, V)
+            part, grad = rows(F.linear(h[sl].to(w.dtype), w, b).float(), other_logits, sl, need)  # scratch logits
             total = total + part
             if need:
-                grad_h[sl] = (grad * scale).to(w.dtype) @ w  # (n, D)
+                grad_h[sl] = grad.mul_(scale).to(w.dtype) @ w  # (n, D)
         ctx.grad_h = grad_h
         return total * scale
 
@@ -229,6 +227,11 @@ class _HeadLoss(torch.autograd.Function):
         grad_h = ctx.grad_h * grad_out.to(ctx.grad_h.dtype)
         ctx.grad_h = None
         return grad_h, None, None, None, None, None, None
+
+
+def _log_softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the last dimension, in place (``x`` is a scratch float32 chunk of logits)."""
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
 
 
 def _compute_weights(h: torch.Tensor, weight: torch.Tensor,
