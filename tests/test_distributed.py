@@ -38,3 +38,49 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(la, lb):
         assert abs(x["forget_loss"] - y["forget_loss"]) < 1e-5 and abs(x["retain_loss"] - y["retain_loss"]) < 1e-5
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+MCQ = str(Path(__file__).parent / "fixtures" / "mcq_60.jsonl")
+
+
+def _launch(nproc: int, port: int, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+              "--master_port", str(port)] if nproc > 1 else [sys.executable]
+    proc = subprocess.run(prefix + ["-m", "sequnlearn", *args], capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_tamper_on_two_processes_is_the_one_process_attack(tmp_path):
+    args = ["tamper", "tiny:gpt_neox", "--data", "tiny:forget", "--eval-data", MCQ, "--style", "cloze",
+            "--steps", "4", "--eval-every", "2", "--lr", "1e-3", "--set", "batch_size=4",
+            "--set", "per_device_batch_size=2", "--set", "max_length=32", "--set", "eval_limit=20",
+            "--set", "num_train_examples=16"]
+    _launch(1, 0, args + ["--out", str(tmp_path / "one")])
+    two = _launch(2, 29611, args + ["--out", str(tmp_path / "two")])
+    assert two.stdout.count("wrote ") == 1  # only the main process reports
+    a = json.loads((tmp_path / "one" / "tamper.json").read_text())["runs"][0]["curve"]
+    b = json.loads((tmp_path / "two" / "tamper.json").read_text())["runs"][0]["curve"]
+    assert [p["step"] for p in a] == [p["step"] for p in b] == [0, 2, 4]
+    assert [p["forget_acc"] for p in a] == [p["forget_acc"] for p in b]
+    assert a[1]["train_loss"] != a[2]["train_loss"]  # the weights moved
+    for x, y in zip(a[1:], b[1:]):
+        assert abs(x["train_loss"] - y["train_loss"]) < 1e-5
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["tamper.json", "tamper.md", "tamper.png"]
+
+
+def test_sweep_on_two_processes_evaluates_once_on_the_main_process(tmp_path):
+    from sequnlearn.sweep import evaluate_model
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"name: s\nbase: tiny\ngrid:\n  remove_coef: [50]\neval:\n  forget_task: {MCQ}\n"
+                     "  style: cloze\n  limit: 20\n")
+    proc = _launch(2, 29612, ["sweep", str(sweep), "--out", str(tmp_path)])
+    assert proc.stdout.count("[sweep] 1/1") == 1 and proc.stdout.count("sweep s done") == 1
+    point = tmp_path / "s" / "point"
+    saved = json.loads((point / "eval.json").read_text())
+    assert json.loads((point / "provenance.json").read_text())["num_processes"] == 2
+    again = evaluate_model(str(point / "model"), {"forget_task": MCQ, "style": "cloze", "limit": 20})
+    assert saved["forget_acc"] == again["forget_acc"]
+    assert (tmp_path / "s" / "baseline" / "eval.json").exists()

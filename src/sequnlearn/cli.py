@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from sequnlearn.errors import UserError
 
@@ -30,6 +31,15 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"sequnlearn {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under ``accelerate launch``/``torchrun``: leave the process group once the command is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- unlearn
@@ -167,13 +177,20 @@ def cmd_tamper(args) -> None:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
     cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
     sources = {_label(m): model_source(m) for m in args.models}
-    out = prepare_out_dir(args.out, overwrite=args.overwrite)
-    loaders = {label: (lambda s=src: load_model(s, dtype=cfg.dtype, device=args.device))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _cuda())  # under `accelerate launch`: one slice of each batch per process
+    out = Path(args.out)
+    if state.is_main_process:
+        prepare_out_dir(args.out, overwrite=args.overwrite)
+    state.wait_for_everyone()
+    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
+    loaders = {label: (lambda s=src: load_model(s, dtype=cfg.dtype, device=device))
                for label, src in sources.items()}
     result = tamper(loaders, cfg, out, baseline=args.baseline)
-    from pathlib import Path
-
-    print((Path(out) / "tamper.md").read_text(), end="")
+    if not state.is_main_process:
+        return
+    print((out / "tamper.md").read_text(), end="")
     print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
 
 
@@ -292,11 +309,15 @@ def cmd_sweep(args) -> None:
         path = write_slurm(sweep, out, args.accelerate_args)
         print(f"wrote {path}; submit it with: sbatch {path}")
         return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not _cuda())  # under `accelerate launch`: the process group, before any point
     for i in [args.only] if args.only is not None else range(len(points)):
         run_point(sweep, i, out)
     if args.only is None:
         run_baseline(sweep, out)
-        print(f"sweep {sweep.name} done; make the tables with: sequnlearn report {out}")
+        if state.is_main_process:
+            print(f"sweep {sweep.name} done; make the tables with: sequnlearn report {out}")
 
 
 def _add_report(sub) -> None:

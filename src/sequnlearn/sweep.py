@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sequnlearn.config import PRESET_DIR, UnlearnConfig, build, preset_dict, read_yaml
+from sequnlearn.distributed import barrier, on_main, rank_and_world
 from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, write_json
 
@@ -126,33 +127,52 @@ def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_point(sweep: Sweep, index: int, out: Path) -> Path:
-    """Unlearn and evaluate point ``index`` into its run directory (skip if done, resume if started)."""
+    """Unlearn and evaluate point ``index`` into its run directory (skip if done, resume if started).
+
+    Under ``accelerate launch`` every process unlearns (the engine splits each global batch); the
+    evaluation runs on the main process, which alone writes ``eval.json``, while the others wait.
+    """
     from sequnlearn.unlearn.engine import unlearn
 
     point = sweep.points()[index]
     run = RunDir(out / sweep.point_name(point))
+    main = rank_and_world()[0] == 0
     if run.eval.exists():
-        print(f"[sweep] {run.root.name}: done, skipped")
+        _say(main, f"[sweep] {run.root.name}: done, skipped")
         return run.root
     cfg = sweep.config(point)
-    print(f"[sweep] {index + 1}/{len(sweep.points())} {run.root.name}")
+    _say(main, f"[sweep] {index + 1}/{len(sweep.points())} {run.root.name}")
     if not run.is_finished():
         resume = run.is_run()
-        run.root.mkdir(parents=True, exist_ok=True)
+        barrier()  # every process has looked before the main one creates the directory
+        if main:
+            run.root.mkdir(parents=True, exist_ok=True)
+        barrier()
         unlearn(cfg, run, resume=resume)
-    result = evaluate_model(str(run.model), sweep.eval)
-    write_json(run.eval, {"point": point, **result})
+    result = on_main(lambda: evaluate_model(str(run.model), sweep.eval))
+    if main:
+        write_json(run.eval, {"point": point, **result})
+    barrier()
     return run.root
 
 
 def run_baseline(sweep: Sweep, out: Path) -> Path:
-    """Evaluate the base model once into ``OUT/baseline/eval.json``."""
+    """Evaluate the base model once into ``OUT/baseline/eval.json`` (on the main process)."""
     run = RunDir(out / "baseline")
+    main = rank_and_world()[0] == 0
     if not run.eval.exists():
         model = sweep.config(sweep.points()[0]).model
-        print(f"[sweep] baseline: {model}")
-        write_json(run.eval, {"baseline": True, "model": model, **evaluate_model(model, sweep.eval)})
+        _say(main, f"[sweep] baseline: {model}")
+        result = on_main(lambda: evaluate_model(model, sweep.eval))
+        if main:
+            write_json(run.eval, {"baseline": True, "model": model, **result})
+        barrier()
     return run.root
+
+
+def _say(main: bool, msg: str) -> None:
+    if main:
+        print(msg, flush=True)
 
 
 def slurm_script(sweep: Sweep, out: Path, *, accelerate_args: str | None = None) -> str:

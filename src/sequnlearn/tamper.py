@@ -4,6 +4,13 @@ forget accuracy comes back (evaluated in-process every k steps, step 0 included)
 A removal that ten steps of fine-tuning undo is not a removal: this is the reference's
 last experiment as a command. Every evaluation that fails stops the attack with an error;
 no value is ever filled in.
+
+Under ``accelerate launch`` / ``torchrun`` every process trains on its slice of each global batch
+(``batch_size`` stays the global batch; accumulation = batch / (per-device batch × processes)) and
+the gradients are averaged (:mod:`sequnlearn.distributed`), so the attack is the same as on one
+process. Evaluations run on the main process while the others wait: they are a small share of an
+attack, and one process gives the numbers a single-process evaluation gives. Only the main process
+writes files.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 
 from sequnlearn.config import TamperConfig
 from sequnlearn.data.corpora import CorpusSpec, load_texts
+from sequnlearn.distributed import average_gradients, mean_over_processes, micro_batches_per_process, on_main, rank_and_world
 from sequnlearn.errors import UserError
 from sequnlearn.runs import write_json
 
@@ -77,7 +85,12 @@ def _trainable(model, cfg: TamperConfig):
 
 
 def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
-    """Forget (and retain) accuracy of the model in memory; an evaluation error stops the attack."""
+    """Forget (and retain) accuracy of the model in memory, computed on the main process and
+    handed to all; an evaluation error stops the attack on every process."""
+    return on_main(lambda: _evaluate_here(model, tokenizer, cfg, tasks))
+
+
+def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
     from sequnlearn.eval import evaluate
 
     out = {}
@@ -110,7 +123,8 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
         model.gradient_checkpointing_enable()
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
-    accum = cfg.batch_size // cfg.per_device_batch_size
+    accum = micro_batches_per_process(cfg.batch_size, cfg.per_device_batch_size, rank_and_world()[1], "batch_size")
+    progress = progress and rank_and_world()[0] == 0
     curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks), "train_loss": None}]
     bar = tqdm(range(1, cfg.steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -122,22 +136,27 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
 
 
 def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device) -> float:
-    """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks; returns the mean loss."""
+    """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks (this process's
+    ``accum`` micro-batches of them); returns the mean loss over the global batch."""
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
     total = 0.0
+    rank, world = rank_and_world()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for m in range(accum):
-        start = (step * cfg.batch_size + m * cfg.per_device_batch_size)
+        start = step * cfg.batch_size + (m * world + rank) * cfg.per_device_batch_size
         idx = order[(torch.arange(cfg.per_device_batch_size) + start) % len(order)]  # (b,)
         ids = chunks[idx].to(device)  # (b, T)
         with amp:
             loss = model(input_ids=ids, labels=ids).loss
-        if not torch.isfinite(loss):
-            raise UserError(f"the attack's training loss is {loss.item()} at step {step + 1}; lower the learning rate")
-        (loss / accum).backward()
         total += loss.item() / accum
+        if math.isfinite(total):
+            (loss / accum).backward()
+    (total,) = mean_over_processes([total], device)  # a non-finite loss on any process reaches all
+    if not math.isfinite(total):
+        raise UserError(f"the attack's training loss is {total} at step {step + 1}; lower the learning rate")
+    average_gradients(p for group in opt.param_groups for p in group["params"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     model.eval()
@@ -179,6 +198,7 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
     texts = load_attack_texts(cfg)
+    main = rank_and_world()[0] == 0
     t0, runs = time.time(), []
     result = {"config": asdict(cfg), "baseline": baseline, "chance": _chance(tasks["forget"]), "runs": runs}
     for label, load in models.items():
@@ -187,11 +207,13 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
                 curve = attack(load, cfg, lr=lr, seed=seed, tasks=tasks, texts=texts, progress=progress)
                 runs.append({"model": label, "lr": lr, "seed": seed, "curve": curve})
                 result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
-                write_json(out / "tamper.json", result)  # after every attack: a kill loses at most one
-    plot_tamper(result, out / "tamper.png")
-    from sequnlearn.runs import atomic_write_text
+                if main:
+                    write_json(out / "tamper.json", result)  # after every attack: a kill loses at most one
+    if main:
+        from sequnlearn.runs import atomic_write_text
 
-    atomic_write_text(out / "tamper.md", tamper_table(result))
+        plot_tamper(result, out / "tamper.png")
+        atomic_write_text(out / "tamper.md", tamper_table(result))
     return result
 
 

@@ -21,6 +21,7 @@ import torch
 
 from sequnlearn.config import UnlearnConfig, dump_yaml
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, tokenize
+from sequnlearn.distributed import average_gradients, micro_batches_per_process
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers, hidden_after, run_layers
@@ -68,12 +69,8 @@ class Unlearner:
         self.retain_layers = retain_layers
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        world = accelerator.num_processes
-        per_step = cfg.per_device_batch_size * world
-        if cfg.global_batch_size % per_step:
-            raise UserError(f"global_batch_size {cfg.global_batch_size} is not divisible by per_device_batch_size "
-                            f"{cfg.per_device_batch_size} × {world} processes; change the batch sizes")
-        self.accum = cfg.global_batch_size // per_step
+        self.accum = micro_batches_per_process(cfg.global_batch_size, cfg.per_device_batch_size,
+                                               accelerator.num_processes, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
                               else accelerator.device.type == "cuda")
@@ -237,11 +234,7 @@ class Unlearner:
 
     def _sync_and_step(self) -> float:
         """Average LoRA gradients over processes, clip, step, zero; returns the pre-clip grad norm."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.acc.num_processes > 1:
-            flat = self.acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
-            for p, g in zip(self.params, torch.split(flat, [g.numel() for g in grads])):
-                p.grad = g.view_as(p).clone()
+        average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -475,5 +468,6 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
         prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         prov["nan_skipped"] = engine.pos.nan_skipped
         write_json(run.provenance, prov)
-    acc.end_training()
+    for tracker in acc.trackers:  # not acc.end_training(): that also ends the process group, which
+        tracker.finish()          # a sweep still needs for the evaluation that follows
     return run
