@@ -18,8 +18,8 @@ MAX_PARAPHRASES = 4
 class ToyWorldConfig:
     """Everything that determines a toy world; the same config always builds the same world.
 
-    The defaults are the full world (8-layer 128-wide GPT-NeoX, 220 steps: a few minutes on two
-    CPU cores); :meth:`reduced` is a small one for tests (about half a minute).
+    The defaults are the full world (8-layer 128-wide GPT-NeoX, 3 paraphrases, 260 steps: a few
+    minutes on two CPU cores); :meth:`reduced` is a small one for tests (about half a minute).
     """
 
     seed: int = 0
@@ -31,13 +31,19 @@ class ToyWorldConfig:
     retain_entities: int = 40
     """Number of invented cities in the retain ("general knowledge") domain; 4 facts each."""
 
-    paraphrases: int = 2
+    paraphrases: int = 3
     """Paraphrase templates per fact in the corpora and the pretraining mix (1 to 4; the first is the
-    MCQ stem). Each one more costs pretraining steps: the model must see every sentence often."""
+    MCQ stem). Each one more costs pretraining steps: the model must see every sentence often.
+
+    Three, not two, because of what unlearning needs: with two (220 steps) the model knew the
+    facts (cloze 0.97 forget / 0.94 retain) but `toy-l2` only took forget to 0.79 (retain 0.91), and
+    no coefficient, learning rate, epoch count or LoRA rank of the 7..4 schedule reached 0.55
+    without losing retain; the knowledge sat in template-specific form. With three (260 steps)
+    base 1.0 / 0.99, and `toy-l2` gives forget 0.49 / retain 0.98 (seeds 1, 2: 0.55, 0.48)."""
 
     sentences_per_doc: int = 2
     """Sentences per corpus document (documents mix facts of different entities of one domain); the
-    defaults give 160 forget documents (full) and 48 (reduced)."""
+    defaults give 240 forget documents (full) and 48 (reduced)."""
 
     qa_per_fact: int = 1
     """Copies per fact of ``"Question: <stem>\\nAnswer: <value>"`` (the evaluator's cloze template) in
@@ -67,7 +73,7 @@ class ToyWorldConfig:
     batch_size: int = 32
     """Rows per pretraining step."""
 
-    steps: int = 220
+    steps: int = 260
     """Optimizer steps of pretraining."""
 
     lr: float = 5e-3
@@ -122,7 +128,7 @@ class ToyWorldConfig:
         Raises:
             UserError: an override is not a field, or its value is out of range.
         """
-        base = dict(forget_entities=12, retain_entities=12, vocab_size=512, hidden_size=64, num_layers=4,
+        base = dict(forget_entities=12, retain_entities=12, paraphrases=2, vocab_size=512, hidden_size=64, num_layers=4,
                     num_heads=4, seq_len=64, batch_size=16, steps=160, lr=1e-2, warmup_steps=10)
         return cls.from_dict({**base, **overrides})
 
