@@ -237,3 +237,18 @@ def test_cli_build_reports_where_everything_is(built, capsys):
         main(["toyworld", "build", "--out", str(built.root), "--reduced", "--seed", "3", "--quiet"])
     assert e.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_pretraining_threads_follow_the_idle_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from sequnlearn.toyworld import pretrain
+
+    idle = pretrain._idle_cores(0.05)
+    assert idle is not None and -0.01 <= idle <= (os.cpu_count() or 1) + 0.01
+    monkeypatch.setattr(pretrain, "_idle_cores", lambda: 0.3)
+    assert pretrain.auto_threads() == 1
+    monkeypatch.setattr(pretrain, "_idle_cores", lambda: 64.0)
+    assert pretrain.auto_threads() == torch.get_num_threads()

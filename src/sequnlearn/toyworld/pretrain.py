@@ -96,19 +96,43 @@ def lr_factor(step: int, config) -> float:
 
 
 def auto_threads() -> int:
-    """Torch's thread count, cut down to the cores the 1-minute load average leaves idle (at least 1).
+    """Torch's thread count, cut down to the cores idle right now (at least 1).
 
     On a shared machine, more threads than idle cores make each step several times slower (the
-    threads wait for each other), so a busy machine gets one thread.
+    threads wait for each other), so a busy machine gets one thread. "Right now" is the CPU idle
+    time over a quarter second (``/proc/stat``), not the 1-minute load average, which still counts
+    the ``pip install`` that ran just before ``make demo`` builds the world.
 
     Returns:
         The number of threads to train with.
     """
-    try:
-        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
+    idle = _idle_cores()
+    if idle is None:
         return torch.get_num_threads()
     return max(1, min(torch.get_num_threads(), int(idle + 0.5)))
+
+
+def _idle_cores(interval: float = 0.25) -> float | None:
+    """Cores idle over ``interval`` seconds (``/proc/stat``), else from the load average, else None."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total jiffies
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+        if total1 > total0:
+            return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return (os.cpu_count() or 1) - os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return None
 
 
 def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, progress: bool = True,
