@@ -108,8 +108,8 @@ def test_config_validation():
         ToyWorldConfig(paraphrases=9)
     with pytest.raises(UserError, match="forget_entities"):
         ToyWorldConfig.reduced(forget_entities=1)
-    with pytest.raises(UserError, match="unknown toy-world config field"):
-        ToyWorldConfig.reduced(hidden=3)
+    with pytest.raises(UserError, match="unknown config key 'hiden_size'; did you mean 'hidden_size'"):
+        ToyWorldConfig.reduced(hiden_size=3)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -252,3 +252,13 @@ def test_pretraining_threads_follow_the_idle_cores(monkeypatch):
     assert pretrain.auto_threads() == 1
     monkeypatch.setattr(pretrain, "_idle_cores", lambda: 64.0)
     assert pretrain.auto_threads() == torch.get_num_threads()
+
+
+def test_toyworld_build_set_names_a_misspelt_field_and_writes_nothing(tmp_path, capsys):
+    from sequnlearn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["toyworld", "build", "--out", str(tmp_path / "w"), "--set", "paraphrses=2"])
+    assert e.value.code == 2
+    assert "did you mean 'paraphrases'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

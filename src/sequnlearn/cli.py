@@ -220,6 +220,8 @@ def _add_toyworld(sub) -> None:
     b.add_argument("--overwrite", action="store_true", help="rebuild when --out holds a world built with another config")
     b.add_argument("--threads", type=int, help="torch CPU threads for pretraining (default: torch's, lowered to "
                    "the idle cores on a busy machine)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a world field (repeatable), e.g. --set paraphrases=2 --set num_layers=6")
     b.add_argument("--quiet", action="store_true", help="no stage lines or progress bar on stderr")
     b.set_defaults(func=cmd_toyworld)
 
@@ -228,7 +230,10 @@ def cmd_toyworld(args) -> None:
     """Build (or reuse) a toy world and print where its model, corpora and MCQ sets are."""
     from sequnlearn.toyworld import ToyWorldConfig, build_world, load_world_info
 
-    overrides = {k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None}
+    from sequnlearn.config import parse_override
+
+    overrides = dict(parse_override(item) for item in args.set)
+    overrides.update({k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None})
     config = ToyWorldConfig.reduced(**overrides) if args.reduced else ToyWorldConfig.from_dict(overrides)
     paths = build_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite, threads=args.threads)
     info = load_world_info(paths.root)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sequnlearn.errors import UserError
@@ -137,13 +137,12 @@ class ToyWorldConfig:
         """Build a config from a mapping, rejecting unknown keys.
 
         Raises:
-            UserError: a key is not a field of :class:`ToyWorldConfig`.
+            UserError: a key is not a field of :class:`ToyWorldConfig` (with the closest one), or a
+                value is out of range.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown toy-world config field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        from sequnlearn.config import build
+
+        return build(cls, d)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain JSON-able dict."""
