@@ -106,3 +106,11 @@ def test_bad_sweeps_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="did you mean 'remove_coef'"):
         load_sweep(str(bad))
     assert collect([tmp_path]) == ([], [])
+
+
+def test_runs_are_listed_with_numbers_in_value_order():
+    from sequnlearn.report import _natural
+
+    names = ["remove_coef=50", "remove_coef=5_retain_coef=100", "remove_coef=10", "remove_coef=5_retain_coef=20"]
+    assert [p.name for p in sorted(map(Path, names), key=_natural)] == [
+        "remove_coef=5_retain_coef=20", "remove_coef=5_retain_coef=100", "remove_coef=10", "remove_coef=50"]

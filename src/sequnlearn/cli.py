@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"sequnlearn {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `sequnlearn report ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        sys.exit(0)
     _end_process_group()
 
 

@@ -129,7 +129,7 @@ RETAIN_COLLAPSE_MARGIN = 0.05
 
 
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
-    """Finished runs and baselines under ``dirs`` (any depth), sorted by path.
+    """Finished runs and baselines under ``dirs`` (any depth), sorted by path, numbers by value.
 
     Returns:
         ``(runs, baselines)``; a run row has its path, config, eval and metrics.
@@ -140,7 +140,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
 
     runs, baselines = [], []
     for root in dirs:
-        for ev_path in sorted(Path(root).rglob("eval.json")):
+        for ev_path in sorted(Path(root).rglob("eval.json"), key=_natural):
             ev = read_json(ev_path)
             if ev.get("baseline"):
                 baselines.append({"path": str(ev_path.parent), "eval": ev})
@@ -149,6 +149,14 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                 runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
                              "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
     return runs, baselines
+
+
+def _natural(path: Path) -> list:
+    """Sort key that orders numbers by value: ``remove_coef=5`` before ``remove_coef=10``."""
+    import re
+
+    return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
+            for t in re.split(r"(\d+(?:\.\d+)?)", str(path)) if t]
 
 
 def _layers(cfg: dict) -> str:
@@ -234,14 +242,17 @@ def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: f
     for loss, marker in (("L2", "o"), ("KL", "s")):
         sel = [r for r in rows if r["retain loss"] == loss and r["retain acc"] is not None]
         ax.scatter([r["forget acc"] for r in sel], [r["retain acc"] for r in sel], marker=marker, label=loss, zorder=3)
-        for r in sel:
-            ax.annotate(f"rm{r['remove_coef']:g}/ret{r['retain_coef']:g}", (r["forget acc"], r["retain acc"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(pts)
+    # Up to 8 points every one is named; beyond that only the Pareto front (the table names the rest).
+    named = {pts[i] for i in front} if len(pts) > 8 else set(pts)
+    for r in rows:
+        if r["retain acc"] is not None and (r["forget acc"], r["retain acc"]) in named:
+            ax.annotate(f"{r['retain loss']} rm{r['remove_coef']:g}/ret{r['retain_coef']:g}",
+                        (r["forget acc"], r["retain acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k-", lw=1, alpha=0.6, label="Pareto front")
-    for b in baselines:
+    for i, b in enumerate(baselines):
         ax.scatter([b["eval"]["forget_acc"]], [b["eval"].get("retain_acc", 0)], marker="*", s=160, c="k",
-                   label="baseline", zorder=4)
+                   label="baseline" if i == 0 else None, zorder=4)
     ax.axvline(chance, color="gray", ls=":", lw=1)
     ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
     ax.set_xlabel("forget accuracy (lower is better)")
@@ -286,12 +297,24 @@ def plot_sweep_losses(runs: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _distinct_baselines(baselines: list[dict]) -> list[dict]:
+    """One baseline per (model, forget acc, retain acc): sweeps of one model each evaluate it once."""
+    seen, out = set(), []
+    for b in baselines:
+        key = (b["eval"].get("model"), b["eval"].get("forget_acc"), b["eval"].get("retain_acc"))
+        if key not in seen:
+            seen.add(key)
+            out.append(b)
+    return out
+
+
 def write_report(dirs: list[Path], out: Path) -> dict:
     """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written."""
     from sequnlearn.errors import UserError
     from sequnlearn.runs import read_json
 
     runs, baselines = collect(dirs)
+    baselines = _distinct_baselines(baselines)
     if not runs:
         raise UserError(f"no finished runs (config.yaml + eval.json) under {', '.join(map(str, dirs))}; run a sweep first")
     out.mkdir(parents=True, exist_ok=True)
