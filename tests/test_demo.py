@@ -19,9 +19,12 @@ def test_demo_writes_summary_report_and_plots(demo):
     assert summary["metric"] == "cloze_acc" and summary["wall_s"] > 0
     for key in ("baseline", "unlearned"):
         assert set(summary[key]) == {"forget_acc", "retain_acc"}
+        assert set(summary["letter"][key]) == {"forget_acc", "retain_acc"}
+        assert 0 <= summary["letter"][key]["forget_acc"] <= 1
     assert [p["step"] for p in summary["tamper"]][:2] == [0, 5]
     report = (demo / "report.md").read_text()
     assert "| Base |" in report and "| Unlearned" in report and "Tampering attack" in report
+    assert "Letter format" in report
     for png in ("accuracy_per_phase.png", "losses.png", "tamper/tamper.png"):
         assert (demo / png).stat().st_size > 10_000
     assert (demo / "unlearn" / "eval.json").exists() and (demo / "unlearn" / "model" / "config.json").exists()

@@ -13,6 +13,8 @@ from pathlib import Path
 from sequnlearn.runs import RunDir, atomic_write_text, read_jsonl, write_json
 
 METRIC = "cloze_acc"
+LETTER_USEFUL = 0.4
+"""Base forget accuracy in letter format below which the report says the format shows nothing."""
 
 
 @dataclass
@@ -42,12 +44,17 @@ def _say(opts: DemoOptions, msg: str) -> None:
         print(f"[demo] {msg}", flush=True)
 
 
-def _accuracy(model, tokenizer, tasks: dict) -> dict:
-    """Cloze accuracy on the forget and retain MCQ sets: ``{forget_acc, retain_acc}``."""
+def _accuracy(model, tokenizer, tasks: dict, style: str = "cloze") -> dict:
+    """Accuracy on the forget and retain MCQ sets in ``style``: ``{forget_acc, retain_acc}``."""
     from sequnlearn.eval import evaluate
 
-    res = evaluate(model, tokenizer, list(tasks.values()), style="cloze", progress=False)
+    res = evaluate(model, tokenizer, list(tasks.values()), style=style, progress=False)
     return {f"{key}_acc": res["tasks"][task.name]["acc"] for key, task in tasks.items()}
+
+
+def _both_styles(model, tokenizer, tasks: dict) -> tuple[dict, dict]:
+    """Cloze accuracy (the demo's metric) and letter-format (A-D) accuracy of one model."""
+    return _accuracy(model, tokenizer, tasks), _accuracy(model, tokenizer, tasks, style="letter")
 
 
 def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict]]:
@@ -99,16 +106,17 @@ def run_demo(opts: DemoOptions) -> dict:
     paths = build_world(opts.world_dir, opts.world_config, progress=opts.progress)
     tasks = {"forget": load_task(str(paths.forget_mcq)), "retain": load_task(str(paths.retain_mcq))}
     _say(opts, "2/6 evaluating the base model")
-    baseline = _accuracy(*load_model(str(paths.model), dtype="fp32"), tasks)
+    baseline, letter_base = _both_styles(*load_model(str(paths.model), dtype="fp32"), tasks)
     _say(opts, f"base model: forget {baseline['forget_acc']:.3f}  retain {baseline['retain_acc']:.3f}")
     _say(opts, f"3/6 unlearning with preset {opts.unlearn_preset}")
     run, phases = _unlearn(opts, paths, tasks)
     _say(opts, "4/6 evaluating the unlearned model")
-    unlearned = _accuracy(*load_model(str(run.model), dtype="fp32"), tasks)
-    write_json(run.eval, {"metric": METRIC, **unlearned})
+    unlearned, letter_after = _both_styles(*load_model(str(run.model), dtype="fp32"), tasks)
+    write_json(run.eval, {"metric": METRIC, **unlearned, "letter": letter_after})
     _say(opts, "5/6 tampering attack")
     attack = _tamper(opts, paths, baseline["forget_acc"])
     summary = {"baseline": baseline, "unlearned": unlearned, "metric": METRIC, "phases": phases,
+               "letter": {"baseline": letter_base, "unlearned": letter_after},
                "tamper": [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p}
                           for p in attack["runs"][0]["curve"]] if attack else None,
                "world": str(paths.root), "unlearn_run": str(run.root), "wall_s": None}
@@ -134,7 +142,16 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
              "| Model | Forget acc | Retain acc | Notes |", "|---|---|---|---|",
              f"| Base | {b['forget_acc']:.4f} | {b['retain_acc']:.4f} | |",
              f"| Unlearned ({summary['unlearn_run']}) | {u['forget_acc']:.4f} | {u['retain_acc']:.4f} | "
-             f"{_note(b, u)} |", "| Random chance | 0.2500 | 0.2500 | |", "",
+             f"{_note(b, u)} |", "| Random chance | 0.2500 | 0.2500 | |", ""]
+    if summary.get("letter"):
+        lb, lu = summary["letter"]["baseline"], summary["letter"]["unlearned"]
+        text = (f"Letter format (A–D after the lettered choices, as the reference scores WMDP and MMLU): base "
+                f"forget {lb['forget_acc']:.4f} / retain {lb['retain_acc']:.4f}, unlearned forget "
+                f"{lu['forget_acc']:.4f} / retain {lu['retain_acc']:.4f}.")
+        if lb["forget_acc"] < LETTER_USEFUL:
+            text += " The base model answers this format near chance, so only cloze accuracy can show the removal."
+        lines += [text, ""]
+    lines += [
              "## After each phase", "", "| Phase | Layer | Forget acc | Retain acc |", "|---|---|---|---|"]
     lines += [f"| {p['phase'] + 1} | {p['layer']} | {p['forget_acc']:.4f} | {p['retain_acc']:.4f} |"
               for p in summary["phases"]]
