@@ -2,32 +2,52 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+from sequnlearn.runs import read_jsonl
+
+
+TINY = ["--preset", "tiny", "--set", "num_train_examples=40", "--set", "checkpoint_every=1"]  # 5 steps per phase
 
 
 def _run(out: Path, nproc: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
               "--master_port", str(29600 + nproc)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(prefix + ["-m", "sequnlearn", "unlearn", "--preset", "tiny", "--out", str(out)],
+    proc = subprocess.run(prefix + ["-m", "sequnlearn", "unlearn", *TINY, "--out", str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_processes_match_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run(one, 1)
-    _run(two, 2)
-    assert json.loads((two / "provenance.json").read_text())["num_processes"] == 2
-    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """The tiny preset on one process: the reference for the multi-process runs."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    _run(out, 1)
+    return out
+
+
+def _same_adapter(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(b_dir / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_process(tmp_path, one):
+    two = tmp_path / "two"
+    _run(two, 2)
+    assert json.loads((two / "provenance.json").read_text())["num_processes"] == 2
+    _same_adapter(one, two)
 
     def lines(p):
         return [{k: v for k, v in json.loads(x).items() if k not in ("time_s", "tokens_per_s")}
@@ -38,6 +58,31 @@ def test_two_processes_match_one_process(tmp_path):
     for x, y in zip(la, lb):
         assert abs(x["forget_loss"] - y["forget_loss"]) < 1e-5 and abs(x["retain_loss"] - y["retain_loss"]) < 1e-5
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_two_process_run_killed_mid_run_resumes_to_the_one_process_result(tmp_path, one):
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+           "-m", "sequnlearn", "unlearn", *TINY, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    start = time.time()
+    while len(read_jsonl(out / "metrics.jsonl")) < 7:  # phase 2 of 3
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - start < 300
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    proc.wait()
+    assert not (out / "model").exists()
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=400, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_adapter(one, out)
+    strip = [{k: v for k, v in x.items() if k not in ("time_s", "tokens_per_s")} for x in read_jsonl(out / "metrics.jsonl")]
+    ref = [{k: v for k, v in x.items() if k not in ("time_s", "tokens_per_s")} for x in read_jsonl(one / "metrics.jsonl")]
+    assert [x["step"] for x in strip] == [x["step"] for x in ref]
+    for x, y in zip(strip, ref):
+        assert abs(x["forget_loss"] - y["forget_loss"]) < 1e-5 and abs(x["retain_loss"] - y["retain_loss"]) < 1e-5
 
 
 MCQ = str(Path(__file__).parent / "fixtures" / "mcq_60.jsonl")

@@ -303,7 +303,9 @@ class Unlearner:
         path = self.run.checkpoints / "state.pt"
         if not path.is_file():
             return  # killed before the first checkpoint: start from the beginning
-        state = torch.load(path, map_location=self.acc.device, weights_only=False)
+        # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
+        # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         set_peft_model_state_dict(self.model, state["adapter"])
         self.opt.load_state_dict(state["optimizer"])
         self.pos = Position(**state["position"])
