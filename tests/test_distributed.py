@@ -18,11 +18,11 @@ from sequnlearn.runs import read_jsonl
 TINY = ["--preset", "tiny", "--set", "num_train_examples=40", "--set", "checkpoint_every=1"]  # 5 steps per phase
 
 
-def _run(out: Path, nproc: int) -> None:
+def _run(out: Path, nproc: int, *extra: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
               "--master_port", str(29600 + nproc)] if nproc > 1 else [sys.executable]
-    proc = subprocess.run(prefix + ["-m", "sequnlearn", "unlearn", *TINY, "--out", str(out)],
+    proc = subprocess.run(prefix + ["-m", "sequnlearn", "unlearn", *TINY, *extra, "--out", str(out)],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -60,11 +60,25 @@ def test_two_processes_match_one_process(tmp_path, one):
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
-def test_two_process_run_killed_mid_run_resumes_to_the_one_process_result(tmp_path, one):
+def test_fsdp_on_two_processes_matches_one_process(tmp_path, one):
+    fsdp = tmp_path / "fsdp"
+    _run(fsdp, 2, "--set", "sharding=fsdp")
+    _same_adapter(one, fsdp)
+    assert (fsdp / "model" / "model.safetensors").exists()
+    from sequnlearn.model.load import load_model
+
+    merged, _ = load_model(str(fsdp / "model"), dtype="fp32", device="cpu")  # the gathered, merged weights
+    reference, _ = load_model(str(one / "model"), dtype="fp32", device="cpu")
+    for (name, a), b in zip(reference.state_dict().items(), merged.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_process_run_killed_mid_run_resumes_to_the_one_process_result(tmp_path, one, sharding):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
-           "-m", "sequnlearn", "unlearn", *TINY, "--out", str(out)]
+           "-m", "sequnlearn", "unlearn", *TINY, "--set", f"sharding={sharding}", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     start = time.time()

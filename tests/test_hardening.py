@@ -149,3 +149,15 @@ def test_ctrl_c_stops_cleanly_with_the_resume_command(tmp_path):
     assert proc.returncode == 130
     assert "interrupted; continue with: sequnlearn unlearn --preset tiny" in err and "--resume" in err
     assert "Traceback" not in err
+
+
+def test_resume_removes_the_temp_files_a_killed_writer_left(tmp_path):
+    from sequnlearn.runs import remove_stale_temp_files
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / ".state.pt.k3j9x0aa.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    keep = tmp_path / "checkpoints" / "state.pt"
+    keep.write_bytes(b"the last whole checkpoint")
+    assert remove_stale_temp_files(tmp_path) == [stale]
+    assert not stale.exists() and keep.read_bytes() == b"the last whole checkpoint"

@@ -35,6 +35,11 @@ class UnlearnConfig:
     """Autocast: auto (bf16 on GPU, none on CPU), no, bf16, fp16."""
     gradient_checkpointing: bool | None = None
     """Recompute layer activations in backward; None = on with a GPU, off on the CPU."""
+    sharding: str = "auto"
+    """Several processes: ``ddp`` (every process holds the model; adapter gradients all-reduced),
+    ``fsdp`` (FSDP2 full shard: every decoder layer and the rest of the model sharded across the
+    processes, gathered per layer), or ``auto`` (fsdp under ``accelerate launch`` with an FSDP config,
+    else ddp)."""
 
     forget_data: str = "Unlearning/WMDP-Bio-Remove-Dataset"
     """Forget corpus: hub dataset id, local .jsonl/.json/.parquet/.txt, or ``tiny:forget``."""
@@ -118,6 +123,7 @@ class UnlearnConfig:
         _choice("schedule_scope", self.schedule_scope, ("phase", "run"))
         _choice("on_nan", self.on_nan, ("stop", "skip"))
         _choice("report_to", self.report_to, (None, "tensorboard", "wandb"))
+        _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
         for name in ("remove_coef", "retain_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
             _at_least(name, getattr(self, name), 0)
         for name in ("lora_r", "lora_alpha", "num_train_examples", "max_length", "per_device_batch_size",

@@ -1,8 +1,10 @@
-"""What several processes (``accelerate launch`` / ``torchrun``, DDP-style) share.
+"""What several processes (``accelerate launch`` / ``torchrun``) share.
 
-Every process holds the whole model and a slice of each global batch; after the backward passes
-the gradients of the trained parameters are averaged here (one flat all-reduce), so every process
-takes the same optimizer step. Work that must happen once (evaluation, writing files) runs on the
+Each process takes a slice of each global batch. DDP-style, every process holds the whole model and
+after the backward passes the gradients of the trained parameters are averaged here (one flat
+all-reduce), so every process takes the same optimizer step; with FSDP (:func:`shard_layers`) the
+decoder layers are sharded and FSDP2 averages their gradients, and the full state for checkpoints
+and saving is gathered with :func:`full_state`. Work that must happen once (evaluation, writing files) runs on the
 main process through :func:`on_main`, which hands its outcome, or its failure, to every process.
 With one process each helper is the identity.
 """
@@ -95,3 +97,46 @@ def barrier() -> None:
     """Wait for every process (no-op with one)."""
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+def use_fsdp(sharding: str) -> bool:
+    """Whether to shard with FSDP2: ``fsdp``, or ``auto`` under ``accelerate launch`` with an FSDP config."""
+    import os
+
+    if sharding == "auto":
+        return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and rank_and_world()[1] > 1
+    return sharding == "fsdp"
+
+
+def shard_layers(layers: Iterable[torch.nn.Module], device: torch.device) -> None:
+    """FSDP2 full shard of the decoder layers, each one unit, gathered by its own forward hooks, so
+    the engine's prefix / suffix / checkpointed layer calls work unchanged; their gradients are
+    reduce-scattered and averaged in backward. The rest (embeddings, final norm, head: frozen, a few
+    percent of a 7B model) stays whole on every process: the engine calls those modules directly
+    and reads the head's weight, which no FSDP hook would gather."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    _, world = rank_and_world()
+    mesh = init_device_mesh(device.type, (world,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """Full (unsharded) model and optimizer state dicts on the CPU, on every process (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    opt_sd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return model_sd, opt_sd
+
+
+def load_full_state(model: torch.nn.Module, model_sd: dict, optimizer: torch.optim.Optimizer, opt_sd: dict) -> None:
+    """Load full state dicts (as :func:`full_state` gives) into a sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, opt_sd, options=opts)

@@ -82,6 +82,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def remove_stale_temp_files(root: str | os.PathLike) -> list[Path]:
+    """Delete the temp files (:func:`atomic_path`'s ``.NAME.XXXX.tmp``) a killed writer left under
+    ``root``; returns them. Run before resuming: the file each one was meant to replace is intact."""
+    stale = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
     with atomic_path(path) as tmp:

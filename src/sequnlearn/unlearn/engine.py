@@ -21,11 +21,13 @@ import torch
 
 from sequnlearn.config import UnlearnConfig, dump_yaml
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, tokenize
-from sequnlearn.distributed import average_gradients, micro_batches_per_process
+from sequnlearn.distributed import (average_gradients, full_state, load_full_state, micro_batches_per_process,
+                                    shard_layers, use_fsdp)
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers, hidden_after, run_layers
-from sequnlearn.runs import RunDir, atomic_path, atomic_write_text, provenance, read_json, write_json
+from sequnlearn.runs import (RunDir, atomic_path, atomic_write_text, provenance, read_json, remove_stale_temp_files,
+                             write_json)
 from sequnlearn.unlearn import losses
 from sequnlearn.unlearn.schedule import coefficients, progress
 
@@ -67,6 +69,9 @@ class Unlearner:
         retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(self.arch.num_layers))
         check_layers(self.arch, retain_layers)
         self.retain_layers = retain_layers
+        self.fsdp = use_fsdp(cfg.sharding) and accelerator.num_processes > 1
+        if self.fsdp:
+            shard_layers(self.arch.layers, accelerator.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.accum = micro_batches_per_process(cfg.global_batch_size, cfg.per_device_batch_size,
@@ -114,7 +119,7 @@ class Unlearner:
         last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
         head = losses.linear_head(self.arch.head) if kl else None
         original: list[torch.Tensor] | None = None if kl else []
-        with torch.inference_mode():
+        with torch.no_grad() if self.fsdp else torch.inference_mode():  # FSDP gathers into reused buffers
             h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
             if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
                 h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
@@ -234,8 +239,10 @@ class Unlearner:
 
     def _sync_and_step(self) -> float:
         """Average LoRA gradients over processes, clip, step, zero; returns the pre-clip grad norm."""
-        average_gradients(self.params)
+        if not self.fsdp:  # FSDP has reduce-scattered (and averaged) them in backward
+            average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(norm)
@@ -287,11 +294,16 @@ class Unlearner:
     def save_checkpoint(self) -> None:
         """Adapter weights, optimizer state and position, written atomically (main process)."""
         self.acc.wait_for_everyone()
+        if self.fsdp:  # gathered by every process, written by the main one
+            model_sd, opt_sd = full_state(self.model, self.opt)
+            adapter = {k: v for k, v in model_sd.items() if "lora_" in k}
         if not self.acc.is_main_process:
             return
-        from peft import get_peft_model_state_dict
+        if not self.fsdp:
+            from peft import get_peft_model_state_dict
 
-        state = {"adapter": get_peft_model_state_dict(self.model), "optimizer": self.opt.state_dict(),
+            adapter, opt_sd = get_peft_model_state_dict(self.model), self.opt.state_dict()
+        state = {"adapter": adapter, "optimizer": opt_sd, "fsdp": self.fsdp,
                  "position": vars(self.pos).copy(), "metrics_lines": _count_lines(self.run.metrics)}
         with atomic_path(self.run.checkpoints / "state.pt") as tmp:
             torch.save(state, tmp)
@@ -306,8 +318,14 @@ class Unlearner:
         # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
         # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
         state = torch.load(path, map_location="cpu", weights_only=False)
-        set_peft_model_state_dict(self.model, state["adapter"])
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("fsdp", False) != self.fsdp:
+            raise UserError(f"--resume: the checkpoint in {path.parent} was written with"
+                            f"{'' if state.get('fsdp') else 'out'} FSDP sharding; resume with the same sharding")
+        if self.fsdp:
+            load_full_state(self.model, state["adapter"], self.opt, state["optimizer"])
+        else:
+            set_peft_model_state_dict(self.model, state["adapter"])
+            self.opt.load_state_dict(state["optimizer"])
         self.pos = Position(**state["position"])
         if self.acc.is_main_process:
             _truncate_lines(self.run.metrics, state["metrics_lines"])
@@ -315,16 +333,32 @@ class Unlearner:
     def save(self) -> None:
         """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors)."""
         self.acc.wait_for_everyone()
+        model = self.model
+        if self.fsdp:  # gather the full weights into an unsharded copy on the CPU of the main process
+            model_sd, _ = full_state(self.model)
         if not self.acc.is_main_process:
             return
-        _save_dir(self.run.adapter, self.model.save_pretrained)
-        merged = lora.merge_adapter(self.model)
+        if self.fsdp:
+            model = self._unsharded_copy(model_sd)
+        _save_dir(self.run.adapter, model.save_pretrained)
+        merged = lora.merge_adapter(model)
 
         def save_model(path: str) -> None:
             merged.save_pretrained(path, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
 
         _save_dir(self.run.model, save_model)
+
+    def _unsharded_copy(self, model_sd: dict):
+        """The adapted model rebuilt on the CPU from a full state dict (what FSDP saving needs)."""
+        from sequnlearn.model.load import load_model
+
+        base, _ = load_model(self.cfg.model, dtype=self.cfg.dtype, device="cpu", revision=self.cfg.revision)
+        cfg = self.cfg
+        model = lora.add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules)
+        model.load_state_dict(model_sd)
+        return model
 
 
 def _seed(*key: int) -> int:
@@ -456,6 +490,8 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
     prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(acc.device))
     if resume:
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if acc.is_main_process:
+            remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
     prov["num_processes"] = acc.num_processes
     if acc.is_main_process:
         atomic_write_text(run.config, dump_yaml(cfg))
