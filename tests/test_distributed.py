@@ -111,13 +111,14 @@ def _launch(nproc: int, port: int, args: list[str]) -> subprocess.CompletedProce
     return proc
 
 
-def test_tamper_on_two_processes_is_the_one_process_attack(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_tamper_on_two_processes_is_the_one_process_attack(tmp_path, sharding):
     args = ["tamper", "tiny:gpt_neox", "--data", "tiny:forget", "--eval-data", MCQ, "--style", "cloze",
             "--steps", "4", "--eval-every", "2", "--lr", "1e-3", "--set", "batch_size=4",
             "--set", "per_device_batch_size=2", "--set", "max_length=32", "--set", "eval_limit=20",
             "--set", "num_train_examples=16"]
     _launch(1, 0, args + ["--out", str(tmp_path / "one")])
-    two = _launch(2, 29611, args + ["--out", str(tmp_path / "two")])
+    two = _launch(2, 29611, args + ["--set", f"sharding={sharding}", "--out", str(tmp_path / "two")])
     assert two.stdout.count("wrote ") == 1  # only the main process reports
     a = json.loads((tmp_path / "one" / "tamper.json").read_text())["runs"][0]["curve"]
     b = json.loads((tmp_path / "two" / "tamper.json").read_text())["runs"][0]["curve"]

@@ -192,6 +192,10 @@ class TamperConfig:
     """adamw, adamw_8bit or paged_adamw_8bit (the last two need bitsandbytes and a GPU)."""
     method: str = "full"
     """full (every parameter) or lora."""
+    sharding: str = "auto"
+    """Several processes: ddp (each holds the model, gradients all-reduced), fsdp (FSDP2: every
+    decoder layer and the rest of the model sharded; every process then takes part in each
+    evaluation), or auto (fsdp under ``accelerate launch`` with an FSDP config, else ddp)."""
     lora_r: int = 16
     """LoRA rank when method is lora."""
     lora_targets: str | list[str] = "all-linear"
@@ -216,6 +220,7 @@ class TamperConfig:
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
         _choice("method", self.method, ("full", "lora"))
+        _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
         _choice("eval_style", self.eval_style, ("letter", "cloze"))
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         for name in ("steps", "eval_every", "batch_size", "per_device_batch_size", "max_length", "lora_r",

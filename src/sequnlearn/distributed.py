@@ -64,8 +64,11 @@ def mean_over_processes(values: list[float], device: torch.device | str = "cpu")
     return (t / world).tolist()
 
 
-def on_main(fn: Callable[[], T]) -> T:
+def on_main(fn: Callable[[], T], *, everywhere: bool = False) -> T:
     """Run ``fn`` on the main process only; every process returns its result or raises its error.
+
+    ``everywhere``: run ``fn`` on every process instead (a sharded model's forward needs them all)
+    and hand on the main process's outcome all the same.
 
     A :class:`UserError` reaches the other processes as the same message; any other exception as a
     ``RuntimeError`` naming it, so no process is left waiting for a collective that never comes.
@@ -75,7 +78,7 @@ def on_main(fn: Callable[[], T]) -> T:
         return fn()
     box: list[Any] = [None]
     error: BaseException | None = None
-    if rank == 0:
+    if rank == 0 or everywhere:
         try:
             box[0] = ("ok", fn())
         except Exception as exc:  # handed to the others, then re-raised here
@@ -121,6 +124,18 @@ def shard_layers(layers: Iterable[torch.nn.Module], device: torch.device) -> Non
     mesh = init_device_mesh(device.type, (world,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+
+
+def shard_model(model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device) -> None:
+    """FSDP2 full shard for plain ``model(...)`` calls (the tampering attack): one unit per decoder
+    layer, the rest of the model the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (rank_and_world()[1],))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:

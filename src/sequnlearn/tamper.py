@@ -9,8 +9,9 @@ Under ``accelerate launch`` / ``torchrun`` every process trains on its slice of 
 (``batch_size`` stays the global batch; accumulation = batch / (per-device batch × processes)) and
 the gradients are averaged (:mod:`sequnlearn.distributed`), so the attack is the same as on one
 process. Evaluations run on the main process while the others wait: they are a small share of an
-attack, and one process gives the numbers a single-process evaluation gives. Only the main process
-writes files.
+attack, and one process gives the numbers a single-process evaluation gives. With ``sharding: fsdp``
+the model is sharded with FSDP2 (decoder layers and the rest) and every process takes part in each
+evaluation in step, the main process's numbers being kept. Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 
 from sequnlearn.config import TamperConfig
 from sequnlearn.data.corpora import CorpusSpec, load_texts
-from sequnlearn.distributed import average_gradients, mean_over_processes, micro_batches_per_process, on_main, rank_and_world
+from sequnlearn.distributed import (average_gradients, mean_over_processes, micro_batches_per_process, on_main,
+                                    rank_and_world, shard_model, use_fsdp)
 from sequnlearn.errors import UserError
 from sequnlearn.runs import write_json
 
@@ -84,10 +86,11 @@ def _trainable(model, cfg: TamperConfig):
     return add_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, target_modules=cfg.lora_targets)
 
 
-def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
-    """Forget (and retain) accuracy of the model in memory, computed on the main process and
-    handed to all; an evaluation error stops the attack on every process."""
-    return on_main(lambda: _evaluate_here(model, tokenizer, cfg, tasks))
+def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict, sharded: bool = False) -> dict:
+    """Forget (and retain) accuracy of the model in memory, computed on the main process (on every
+    process in step when the model is sharded) and handed to all; an evaluation error stops the
+    attack on every process."""
+    return on_main(lambda: _evaluate_here(model, tokenizer, cfg, tasks), everywhere=sharded)
 
 
 def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
@@ -119,23 +122,30 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     device = next(model.parameters()).device
     chunks = chunk_corpus(texts, tokenizer, cfg.max_length)
     model = _trainable(model, cfg)
+    sharded = use_fsdp(cfg.sharding) and rank_and_world()[1] > 1
+    if sharded:
+        from sequnlearn.model.layers import architecture
+
+        shard_model(model, architecture(model).layers, device)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable()
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
     accum = micro_batches_per_process(cfg.batch_size, cfg.per_device_batch_size, rank_and_world()[1], "batch_size")
     progress = progress and rank_and_world()[0] == 0
-    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks), "train_loss": None}]
+    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": None}]
     bar = tqdm(range(1, cfg.steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, _lr_at(cfg, lr, step - 1), device)
+        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, _lr_at(cfg, lr, step - 1), device,
+                           sharded)
         bar.set_postfix(loss=f"{loss:.3f}", forget=f"{curve[-1]['forget_acc']:.3f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks), "train_loss": loss})
+            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": loss})
     return curve
 
 
-def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device) -> float:
+def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device,
+                sharded: bool = False) -> float:
     """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks (this process's
     ``accum`` micro-batches of them); returns the mean loss over the global batch."""
     for group in opt.param_groups:
@@ -156,7 +166,8 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
     (total,) = mean_over_processes([total], device)  # a non-finite loss on any process reaches all
     if not math.isfinite(total):
         raise UserError(f"the attack's training loss is {total} at step {step + 1}; lower the learning rate")
-    average_gradients(p for group in opt.param_groups for p in group["params"])
+    if not sharded:  # FSDP has reduce-scattered (and averaged) them in backward
+        average_gradients(p for group in opt.param_groups for p in group["params"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     model.eval()

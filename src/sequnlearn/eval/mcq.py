@@ -257,7 +257,10 @@ def score_questions(model: Any, tokenizer: Any, questions: Sequence[Question], *
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), amp, tqdm(total=len(rows), desc="fast MCQ", unit="row", disable=not progress) as bar:
+        # An FSDP-sharded model gathers its weights into buffers it reuses outside the evaluation:
+        # those must not become inference tensors, so it gets no_grad instead.
+        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+        with torch.no_grad() if sharded else torch.inference_mode(), amp, tqdm(total=len(rows), desc="fast MCQ", unit="row", disable=not progress) as bar:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
                 logprobs, flat_pos = _batch_logprobs(model, chunk, pad_id, device, use_keep)
