@@ -144,3 +144,16 @@ def test_sweep_on_two_processes_evaluates_once_on_the_main_process(tmp_path):
     again = evaluate_model(str(point / "model"), {"forget_task": MCQ, "style": "cloze", "limit": 20})
     assert saved["forget_acc"] == again["forget_acc"]
     assert (tmp_path / "s" / "baseline" / "eval.json").exists()
+
+
+def test_sharding_auto_follows_accelerates_fsdp_config(monkeypatch):
+    from sequnlearn import distributed
+
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type: FSDP
+    assert distributed.use_fsdp("auto") and not distributed.use_fsdp("ddp")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not distributed.use_fsdp("auto") and distributed.use_fsdp("fsdp")
+    monkeypatch.setattr(distributed, "rank_and_world", lambda: (0, 1))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not distributed.use_fsdp("auto")  # nothing to shard across
