@@ -2,11 +2,11 @@
 
 Each process takes a slice of each global batch. DDP-style, every process holds the whole model and
 after the backward passes the gradients of the trained parameters are averaged here (one flat
-all-reduce), so every process takes the same optimizer step; with FSDP (:func:`shard_layers`) the
-decoder layers are sharded and FSDP2 averages their gradients, and the full state for checkpoints
-and saving is gathered with :func:`full_state`. Work that must happen once (evaluation, writing files) runs on the
-main process through :func:`on_main`, which hands its outcome, or its failure, to every process.
-With one process each helper is the identity.
+all-reduce), so every process takes the same optimizer step; with FSDP (:func:`shard_layers`,
+:func:`shard_model`) the decoder layers are sharded, FSDP2 averages their gradients, and the full
+state for checkpoints and saving is gathered with :func:`full_state`. Work that must happen once
+(evaluation, writing files) runs on the main process through :func:`on_main`, which hands its
+outcome, or its failure, to every process. With one process each helper is the identity.
 """
 
 from __future__ import annotations
@@ -111,31 +111,33 @@ def use_fsdp(sharding: str) -> bool:
     return sharding == "fsdp"
 
 
-def shard_layers(layers: Iterable[torch.nn.Module], device: torch.device) -> None:
+def shard_layers(layers: Iterable[torch.nn.Module], device: torch.device):
     """FSDP2 full shard of the decoder layers, each one unit, gathered by its own forward hooks, so
     the engine's prefix / suffix / checkpointed layer calls work unchanged; their gradients are
     reduce-scattered and averaged in backward. The rest (embeddings, final norm, head: frozen, a few
     percent of a 7B model) stays whole on every process: the engine calls those modules directly
-    and reads the head's weight, which no FSDP hook would gather."""
-    from torch.distributed.device_mesh import init_device_mesh
+    and reads the head's weight, which no FSDP hook would gather. Returns the device mesh."""
     from torch.distributed.fsdp import fully_shard
 
-    _, world = rank_and_world()
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = _mesh(device)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    return mesh
 
 
 def shard_model(model: torch.nn.Module, layers: Iterable[torch.nn.Module], device: torch.device) -> None:
     """FSDP2 full shard for plain ``model(...)`` calls (the tampering attack): one unit per decoder
-    layer, the rest of the model the root unit."""
-    from torch.distributed.device_mesh import init_device_mesh
+    layer (:func:`shard_layers`), the rest of the model the root unit."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (rank_and_world()[1],))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=shard_layers(layers, device))
+
+
+def _mesh(device: torch.device):
+    """A 1-D device mesh over all processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (rank_and_world()[1],))
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
