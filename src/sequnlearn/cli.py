@@ -67,7 +67,7 @@ def cmd_unlearn(args) -> None:
     from pathlib import Path
 
     from sequnlearn.config import UnlearnConfig, load_config
-    from sequnlearn.runs import RunDir, prepare_out_dir
+    from sequnlearn.runs import RunDir
 
     overrides = list(args.set)
     if args.report_to:
@@ -75,12 +75,8 @@ def cmd_unlearn(args) -> None:
     if args.on_nan:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not _cuda())  # under `accelerate launch` only the main process prepares --out
-    if state.is_main_process:
-        prepare_out_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    state.wait_for_everyone()
+    state = _processes()
+    _prepare_out_on_main(state, args.out, resume=args.resume, overwrite=args.overwrite)
     run = RunDir(Path(args.out))
     from sequnlearn.unlearn.engine import unlearn
 
@@ -171,7 +167,6 @@ def _add_tamper(sub) -> None:
 def cmd_tamper(args) -> None:
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import load_model, model_source
-    from sequnlearn.runs import prepare_out_dir
     from sequnlearn.tamper import tamper
 
     flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
@@ -180,13 +175,9 @@ def cmd_tamper(args) -> None:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
     cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
     sources = {_label(m): model_source(m) for m in args.models}
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not _cuda())  # under `accelerate launch`: one slice of each batch per process
+    state = _processes()  # under `accelerate launch`: one slice of each batch per process
     out = Path(args.out)
-    if state.is_main_process:
-        prepare_out_dir(args.out, overwrite=args.overwrite)
-    state.wait_for_everyone()
+    _prepare_out_on_main(state, args.out, overwrite=args.overwrite)
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.dtype, device=device))
                for label, src in sources.items()}
@@ -317,9 +308,7 @@ def cmd_sweep(args) -> None:
         path = write_slurm(sweep, out, args.accelerate_args)
         print(f"wrote {path}; submit it with: sbatch {path}")
         return
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not _cuda())  # under `accelerate launch`: the process group, before any point
+    state = _processes()  # under `accelerate launch`: the process group, before any point
     for i in [args.only] if args.only is not None else range(len(points)):
         run_point(sweep, i, out)
     if args.only is None:
@@ -344,6 +333,22 @@ def cmd_report(args) -> None:
     result = write_report(dirs, Path(args.out) if args.out else dirs[0])
     print(result["table"], end="")
     print(f"{result['runs']} runs; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
+
+
+def _processes():
+    """The process state (one process, or all of an ``accelerate launch``/``torchrun``); starts the group."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not _cuda())
+
+
+def _prepare_out_on_main(state, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Only the main process checks and creates ``--out``; the others wait for it."""
+    from sequnlearn.runs import prepare_out_dir
+
+    if state.is_main_process:
+        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+    state.wait_for_everyone()
 
 
 def _cuda() -> bool:

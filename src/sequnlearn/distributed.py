@@ -28,6 +28,11 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main() -> bool:
+    """Whether this is the main process (rank 0, or the only process)."""
+    return rank_and_world()[0] == 0
+
+
 def micro_batches_per_process(global_batch: int, per_device: int, world: int, what: str) -> int:
     """Gradient accumulation steps so that ``per_device × world × accumulation = global_batch``.
 
@@ -103,11 +108,14 @@ def barrier() -> None:
 
 
 def use_fsdp(sharding: str) -> bool:
-    """Whether to shard with FSDP2: ``fsdp``, or ``auto`` under ``accelerate launch`` with an FSDP config."""
+    """Whether to shard with FSDP2: with several processes, for ``fsdp``, or for ``auto`` under
+    ``accelerate launch`` with an FSDP config; never with one process (nothing to shard across)."""
     import os
 
+    if rank_and_world()[1] == 1:
+        return False
     if sharding == "auto":
-        return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and rank_and_world()[1] > 1
+        return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return sharding == "fsdp"
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sequnlearn.config import PRESET_DIR, UnlearnConfig, build, preset_dict, read_yaml
-from sequnlearn.distributed import barrier, on_main, rank_and_world
+from sequnlearn.distributed import barrier, is_main, on_main
 from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, write_json
 
@@ -136,7 +136,7 @@ def run_point(sweep: Sweep, index: int, out: Path) -> Path:
 
     point = sweep.points()[index]
     run = RunDir(out / sweep.point_name(point))
-    main = rank_and_world()[0] == 0
+    main = is_main()
     if run.eval.exists():
         _say(main, f"[sweep] {run.root.name}: done, skipped")
         return run.root
@@ -159,7 +159,7 @@ def run_point(sweep: Sweep, index: int, out: Path) -> Path:
 def run_baseline(sweep: Sweep, out: Path) -> Path:
     """Evaluate the base model once into ``OUT/baseline/eval.json`` (on the main process)."""
     run = RunDir(out / "baseline")
-    main = rank_and_world()[0] == 0
+    main = is_main()
     if not run.eval.exists():
         model = sweep.config(sweep.points()[0]).model
         _say(main, f"[sweep] baseline: {model}")

@@ -26,8 +26,8 @@ import torch
 
 from sequnlearn.config import TamperConfig
 from sequnlearn.data.corpora import CorpusSpec, load_texts
-from sequnlearn.distributed import (average_gradients, mean_over_processes, micro_batches_per_process, on_main,
-                                    rank_and_world, shard_model, use_fsdp)
+from sequnlearn.distributed import (average_gradients, is_main, mean_over_processes, micro_batches_per_process,
+                                    on_main, rank_and_world, shard_model, use_fsdp)
 from sequnlearn.errors import UserError
 from sequnlearn.runs import write_json
 
@@ -122,7 +122,7 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     device = next(model.parameters()).device
     chunks = chunk_corpus(texts, tokenizer, cfg.max_length)
     model = _trainable(model, cfg)
-    sharded = use_fsdp(cfg.sharding) and rank_and_world()[1] > 1
+    sharded = use_fsdp(cfg.sharding)
     if sharded:
         from sequnlearn.model.layers import architecture
 
@@ -132,7 +132,7 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
     accum = micro_batches_per_process(cfg.batch_size, cfg.per_device_batch_size, rank_and_world()[1], "batch_size")
-    progress = progress and rank_and_world()[0] == 0
+    progress = progress and is_main()
     curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": None}]
     bar = tqdm(range(1, cfg.steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -209,7 +209,7 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
     texts = load_attack_texts(cfg)
-    main = rank_and_world()[0] == 0
+    main = is_main()
     t0, runs = time.time(), []
     result = {"config": asdict(cfg), "baseline": baseline, "chance": _chance(tasks["forget"]), "runs": runs}
     for label, load in models.items():

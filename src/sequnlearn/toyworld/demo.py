@@ -151,8 +151,7 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
         if lb["forget_acc"] < LETTER_USEFUL:
             text += " The base model answers this format near chance, so only cloze accuracy can show the removal."
         lines += [text, ""]
-    lines += [
-             "## After each phase", "", "| Phase | Layer | Forget acc | Retain acc |", "|---|---|---|---|"]
+    lines += ["## After each phase", "", "| Phase | Layer | Forget acc | Retain acc |", "|---|---|---|---|"]
     lines += [f"| {p['phase'] + 1} | {p['layer']} | {p['forget_acc']:.4f} | {p['retain_acc']:.4f} |"
               for p in summary["phases"]]
     lines += ["", "![accuracy per phase](accuracy_per_phase.png)", "", "![losses](losses.png)", ""]

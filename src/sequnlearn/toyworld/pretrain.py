@@ -114,8 +114,6 @@ def auto_threads() -> int:
 
 def _idle_cores(interval: float = 0.25) -> float | None:
     """Cores idle over ``interval`` seconds (``/proc/stat``), else from the load average, else None."""
-    import time
-
     def sample() -> tuple[int, int]:
         with open("/proc/stat") as f:
             values = [int(v) for v in f.readline().split()[1:]]

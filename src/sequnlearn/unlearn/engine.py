@@ -61,15 +61,14 @@ class Unlearner:
     def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, accelerator):
         self.cfg, self.tokenizer, self.data, self.run, self.acc = cfg, tokenizer, batches, run, accelerator
         self.layers = cfg.target_layers()
-        self.model = lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                   target_modules=cfg.target_modules)
+        self.model = self._with_adapter(model)
         lora.lora_dropout_train_mode(self.model)
         self.arch: Architecture = architecture(self.model)
         check_layers(self.arch, self.layers)
         retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(self.arch.num_layers))
         check_layers(self.arch, retain_layers)
         self.retain_layers = retain_layers
-        self.fsdp = use_fsdp(cfg.sharding) and accelerator.num_processes > 1
+        self.fsdp = use_fsdp(cfg.sharding)
         if self.fsdp:
             shard_layers(self.arch.layers, accelerator.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -109,7 +108,8 @@ class Unlearner:
     def retain_loss(self, batch: dict) -> torch.Tensor:
         """L2 between current and original layer outputs, or KL(original ‖ current) on logits.
 
-        The original model runs under ``torch.inference_mode``; for L2 both models run only up to
+        The original model runs under ``torch.inference_mode`` (``no_grad`` when FSDP-sharded, whose
+        gathered weights must not become inference tensors); for L2 both models run only up to
         the deepest retain layer; for KL with a plain frozen head the logits are formed a chunk of
         tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
         """
@@ -119,7 +119,7 @@ class Unlearner:
         last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
         head = losses.linear_head(self.arch.head) if kl else None
         original: list[torch.Tensor] | None = None if kl else []
-        with torch.no_grad() if self.fsdp else torch.inference_mode():  # FSDP gathers into reused buffers
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
             h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
             if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
                 h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
@@ -354,11 +354,15 @@ class Unlearner:
         from sequnlearn.model.load import load_model
 
         base, _ = load_model(self.cfg.model, dtype=self.cfg.dtype, device="cpu", revision=self.cfg.revision)
-        cfg = self.cfg
-        model = lora.add_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules)
+        model = self._with_adapter(base)
         model.load_state_dict(model_sd)
         return model
+
+    def _with_adapter(self, model):
+        """``model`` wrapped in a fresh LoRA adapter as the config describes."""
+        cfg = self.cfg
+        return lora.add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             target_modules=cfg.target_modules)
 
 
 def _seed(*key: int) -> int:
