@@ -19,6 +19,7 @@ import yaml
 from sequnlearn.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -83,6 +84,28 @@ class UnlearnConfig:
     """Retain coefficient; ramps 0 → retain_coef."""
     schedule_scope: str = "phase"
     """Ramp over each layer's phase (phase) or once over the whole run (run)."""
+    ramp_unit: str = "step"
+    """What the coefficient ramps count: ``step`` (p = optimizer step / (steps − 1), the same for every
+    micro-batch of a step) or ``micro_batch`` (the reference code: p = min(1, k / K) with k this
+    process's micro-batch index in the phase and K = num_train_examples / (per_device_batch_size ×
+    processes), so the coefficients change inside an optimizer step and p never quite reaches 1)."""
+    forget_boundary: str = "output"
+    """Where the forget path hands over to the original model at target layer L: ``output`` (the
+    current model runs layers 0..L, the original L+1..N-1: what the reference's prose says) or
+    ``input`` (the current model's ``hidden_states[L]``, i.e. the input of layer L, through the
+    original's layers L..N-1: what the reference code did)."""
+    l2_reduction: str = "real_tokens"
+    """How the L2 retain loss averages: ``real_tokens`` (mean over the retain layers' outputs of the
+    per-token norm, real tokens only) or ``padded_states`` (the reference code: the N+1 stacked
+    ``output_hidden_states`` — embeddings, outputs of layers 0..N-2, final-norm output — with pads
+    counted as zeros at ``max_length`` positions per row; needs ``retain_layers: null``)."""
+    data_order: str = "shuffle"
+    """Which examples and in which order: ``shuffle`` (each corpus shuffled with ``seed``, first
+    ``num_train_examples`` kept; forget and retain drawn in independent orders every phase) or
+    ``reference`` (the reference code: the first forget records in file order, all text fields joined
+    by a blank line; retain records shuffled as ``datasets``' ``shuffle(seed)`` does, the first kept and
+    shuffled again; pairs (forget i, retain i) visited in ``randperm(n)`` order seeded with
+    ``seed + epoch``, the same order in every phase, as the HF Trainer's sampler did)."""
 
     lora_r: int = 16
     """LoRA rank."""
@@ -94,7 +117,16 @@ class UnlearnConfig:
     """all-linear (all but the output head), peft-default, or a list of module names."""
 
     lr: float = 1e-3
-    """AdamW learning rate (constant)."""
+    """AdamW peak learning rate."""
+    lr_schedule: str = "constant"
+    """Learning-rate schedule: constant, linear (decay to 0: the HF Trainer's default, which the
+    reference code used) or cosine (to 0), each after ``warmup_steps`` of linear warmup. It spans
+    one phase when ``optimizer_scope`` is phase (restarting at each phase), else the whole run."""
+    warmup_steps: int = 0
+    """Linear warmup steps at the start of the schedule."""
+    optimizer_scope: str = "run"
+    """``run``: one AdamW through all phases; ``phase``: a fresh AdamW (empty moments) and a restarted
+    lr schedule at each phase start, as the reference code's new HF Trainer per layer did."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -121,10 +153,20 @@ class UnlearnConfig:
         _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy"))
         _choice("retain_loss", self.retain_loss, ("l2", "kl"))
         _choice("schedule_scope", self.schedule_scope, ("phase", "run"))
+        _choice("ramp_unit", self.ramp_unit, ("step", "micro_batch"))
+        _choice("forget_boundary", self.forget_boundary, ("output", "input"))
+        _choice("l2_reduction", self.l2_reduction, ("real_tokens", "padded_states"))
+        _choice("data_order", self.data_order, ("shuffle", "reference"))
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("optimizer_scope", self.optimizer_scope, ("run", "phase"))
+        if self.l2_reduction == "padded_states" and self.retain_layers is not None:
+            raise UserError("l2_reduction padded_states averages all hidden states; drop retain_layers "
+                            "or use l2_reduction real_tokens")
         _choice("on_nan", self.on_nan, ("stop", "skip"))
         _choice("report_to", self.report_to, (None, "tensorboard", "wandb"))
         _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
-        for name in ("remove_coef", "retain_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
+        for name in ("remove_coef", "retain_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
+                     "warmup_steps"):
             _at_least(name, getattr(self, name), 0)
         for name in ("lora_r", "lora_alpha", "num_train_examples", "max_length", "per_device_batch_size",
                      "global_batch_size", "epochs_per_layer"):
@@ -294,6 +336,8 @@ def _coerce(name: str, value, tp):
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes (mixed_precision=no) as a boolean
+            return "yes" if value else "no"
         raise UserError(f"{name} must be a string (got {value!r})")
     return value
 

@@ -1,6 +1,6 @@
 """Sweeps are data: a grid over config keys → one run directory per point.
 
-A sweep file (YAML) names a base preset, a grid and the evaluation::
+A sweep file (YAML) names a base preset, a grid (or an explicit list of points) and the evaluation::
 
     name: toy-l2
     base: toy-l2                    # unlearning preset (or `base_config: FILE.yaml`)
@@ -12,6 +12,13 @@ A sweep file (YAML) names a base preset, a grid and the evaluation::
       forget_task: runs/toyworld/mcq/forget.jsonl   # or wmdp_bio_robust
       retain_task: runs/toyworld/mcq/retain.jsonl   # or mmlu
       style: cloze                                   # or letter
+
+Instead of ``grid``, ``points`` lists the points themselves (for tables that are not a product,
+like the reference's KL table)::
+
+    points:
+      - {remove_coef: 5, retain_coef: 100}
+      - {remove_coef: 50, retain_coef: 5}
 
 Each point is ``OUT/NAME/<varied key=value ...>/`` with the run directory contract of DESIGN.md;
 a point whose ``eval.json`` exists is skipped, an interrupted one is resumed. The base model is
@@ -45,15 +52,20 @@ class Sweep:
     eval: dict[str, Any]
     source: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
+    explicit: list[dict[str, Any]] | None = None
 
     def points(self) -> list[dict[str, Any]]:
-        """Every combination of the grid, in file order (the last key varies fastest)."""
+        """The explicit points in file order, or every combination of the grid (the last key varies fastest)."""
+        if self.explicit is not None:
+            return [dict(p) for p in self.explicit]
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
     def varied(self) -> list[str]:
-        """Grid keys with more than one value (they name the point directories)."""
-        return [k for k, v in self.grid.items() if len(v) > 1]
+        """Keys whose value differs between points (they name the point directories)."""
+        points = self.points()
+        keys = list(dict.fromkeys(k for p in points for k in p))
+        return [k for k in keys if len({repr(p.get(k)) for p in points}) > 1]
 
     def point_name(self, point: dict[str, Any]) -> str:
         """Directory name of a point from its varied values, e.g. ``remove_coef=10``."""
@@ -91,18 +103,28 @@ def load_sweep(name_or_file: str) -> Sweep:
         if not path.is_file():
             raise UserError(f"unknown sweep {name_or_file!r}; give a sweep file or one of: {', '.join(sweeps())}")
     data = read_yaml(path)
-    unknown = set(data) - {"name", "base", "base_config", "set", "grid", "eval", "notes"}
+    unknown = set(data) - {"name", "base", "base_config", "set", "grid", "points", "eval", "notes"}
     if unknown:
-        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)}; use name, base, base_config, set, grid, eval")
-    if not isinstance(data.get("grid"), dict) or not all(isinstance(v, list) and v for v in data["grid"].values()):
+        raise UserError(f"{path}: unknown sweep keys {sorted(unknown)}; "
+                        "use name, base, base_config, set, grid or points, eval")
+    if ("grid" in data) == ("points" in data):
+        raise UserError(f"{path}: give either grid (a product of values) or points (a list of mappings), not "
+                        f"{'both' if 'grid' in data else 'neither'}")
+    if "grid" in data and (not isinstance(data["grid"], dict)
+                           or not all(isinstance(v, list) and v for v in data["grid"].values())):
         raise UserError(f"{path}: grid must map config keys to non-empty lists of values")
+    points = data.get("points")
+    if "points" in data and (not isinstance(points, list) or not points
+                             or not all(isinstance(p, dict) and p for p in points)):
+        raise UserError(f"{path}: points must be a non-empty list of key: value mappings")
     base = preset_dict(data["base"]) if "base" in data else {}
     if "base_config" in data:
         base.update(read_yaml(Path(data["base_config"])))
     ev = data.get("eval") or {}
     if "forget_task" not in ev or set(ev) - set(EVAL_KEYS):
         raise UserError(f"{path}: eval needs forget_task (and may have {', '.join(EVAL_KEYS[1:])})")
-    sweep = Sweep(data.get("name", path.stem), base, data["grid"], ev, str(path), data.get("set") or {})
+    sweep = Sweep(data.get("name", path.stem), base, data.get("grid") or {}, ev, str(path), data.get("set") or {},
+                  points)
     for point in sweep.points():
         sweep.config(point)
     return sweep

@@ -42,6 +42,44 @@ def load_texts(spec: CorpusSpec, *, limit: int | None = None, seed: int = 0) -> 
     return texts[:limit] if limit else texts
 
 
+def load_texts_as_reference(spec: CorpusSpec, *, limit: int, seed: int, shuffled: bool) -> list[str]:
+    """Select texts as the reference code did: no empty text dropped, fields joined verbatim.
+
+    Args:
+        shuffled: False → the first ``limit`` records in source order (the reference's forget corpus,
+            ``select(range(n))``); True → ``datasets``' ``shuffle(seed).select(range(limit))`` and then
+            ``shuffle(seed)`` once more (the reference's retain corpus). ``datasets`` shuffles with
+            ``numpy.random.default_rng(seed).permutation(len)``, which is what runs here.
+
+    Raises:
+        UserError: as :func:`load_texts`, or fewer than ``limit`` records.
+    """
+    import numpy as np
+
+    if spec.source.startswith("tiny:"):
+        records = [{f: t for f in spec.fields} for t in tiny_corpus(spec.source.split(":", 1)[1], n=limit, seed=seed)]
+        spec = CorpusSpec(spec.source, spec.subset, spec.split, spec.fields[:1])
+    else:
+        records = _local_records(spec) if _is_local(spec.source) else _hub_records(spec)
+    if len(records) < limit:
+        raise UserError(f"corpus {spec.source} has {len(records)} records, fewer than num_train_examples "
+                        f"({limit}); add data or lower num_train_examples")
+    index = list(range(limit))
+    if shuffled:
+        chosen = np.random.default_rng(seed).permutation(len(records))[:limit]
+        index = [int(chosen[i]) for i in np.random.default_rng(seed).permutation(limit)]
+    return [_join_verbatim(records[i], spec) for i in index]
+
+
+def _join_verbatim(record: dict, spec: CorpusSpec) -> str:
+    """All ``spec.fields`` joined by a blank line as they are (the reference's ``title\n\nabstract\n\ntext``)."""
+    missing = [f for f in spec.fields if f not in record]
+    if missing:
+        raise UserError(f"corpus {spec.source} has no field {missing} (its fields: {sorted(record)}); "
+                        "set the *_fields key to the fields holding the text")
+    return "\n\n".join("" if record[f] is None else str(record[f]) for f in spec.fields)
+
+
 def _is_local(source: str) -> bool:
     return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
 

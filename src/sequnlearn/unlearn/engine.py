@@ -1,10 +1,10 @@
 """The phase loop: for each target layer L, back to front, train the LoRA adapter on
 forget loss (current model to layer L → original layers L+1..N) plus retain loss.
 
-One adapter and one AdamW optimizer run through all phases. The original model is the
-same weights with the adapter switched off. Every optimizer step is a pure function of
-(seed, phase, step), so an interrupted run resumed from a checkpoint ends exactly where
-an uninterrupted one does.
+One adapter runs through all phases; the AdamW optimizer either does too or starts afresh at
+each phase (``optimizer_scope``), with its lr schedule. The original model is the same weights
+with the adapter switched off. Every optimizer step is a pure function of (seed, phase, step),
+so an interrupted run resumed from a checkpoint ends exactly where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from sequnlearn.config import UnlearnConfig, dump_yaml
-from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, tokenize
+from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference, tokenize
 from sequnlearn.distributed import (average_gradients, full_state, load_full_state, micro_batches_per_process,
                                     shard_layers, use_fsdp)
 from sequnlearn.errors import UserError
@@ -29,7 +29,7 @@ from sequnlearn.model.layers import Architecture, architecture, check_layers, hi
 from sequnlearn.runs import (RunDir, atomic_path, atomic_write_text, provenance, read_json, remove_stale_temp_files,
                              write_json)
 from sequnlearn.unlearn import losses
-from sequnlearn.unlearn.schedule import coefficients, progress
+from sequnlearn.unlearn.schedule import coefficients, lr_factor, micro_batch_progress, progress
 
 
 class NonFiniteLoss(UserError):
@@ -72,7 +72,7 @@ class Unlearner:
         if self.fsdp:
             shard_layers(self.arch.layers, accelerator.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = self._new_optimizer()
         self.accum = micro_batches_per_process(cfg.global_batch_size, cfg.per_device_batch_size,
                                                accelerator.num_processes, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
@@ -82,27 +82,38 @@ class Unlearner:
 
     # ------------------------------------------------------------------ losses
 
-    def forget_loss(self, batch: dict, layer: int, gen: torch.Generator) -> torch.Tensor:
-        """Current model (adapter on) to ``layer`` → original layers ``layer+1..N``, norm, head → loss.
+    def forget_loss(self, batch: dict, layer: int, gen: torch.Generator | None = None,
+                    targets: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Current model (adapter on) up to the boundary → original model's remaining layers, norm, head → loss.
 
-        Only real tokens reach the head. With a plain frozen head the loss forms the logits a chunk
-        of tokens at a time (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
+        The boundary (``forget_boundary``) is the output of ``layer`` (original runs ``layer+1..N-1``)
+        or its input (original runs ``layer..N-1``, the reference code). Only real tokens reach the
+        head. With a plain frozen head the loss forms the logits a chunk of tokens at a time
+        (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
+
+        Args:
+            gen: draws the random targets uniformly, one per real token in row order.
+            targets: instead of ``gen``, gives the ``(N,)`` targets of the batch's N real tokens
+                (e.g. the reference code's own draw, taken at the real tokens).
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        h, ctx = hidden_after(self.arch, ids, mask, layer, adapter=True, checkpoint=self.checkpointing)
-        h = run_layers(self.arch, h, ctx, layer + 1, self.arch.num_layers, adapter=False,
+        cut = layer if self.cfg.forget_boundary == "output" else layer - 1  # last layer the current model runs
+        h, ctx = hidden_after(self.arch, ids, mask, cut, adapter=True, checkpoint=self.checkpointing)
+        h = run_layers(self.arch, h, ctx, cut + 1, self.arch.num_layers, adapter=False,
                        checkpoint=self.checkpointing)[mask.bool()]  # (N, D): only real tokens reach the head
         head = losses.linear_head(self.arch.head)
+        vocab = self.arch.head.weight.shape[0]
+        if self.cfg.forget_loss == "random_ce":
+            drawn = targets(h.shape[0]) if targets else torch.randint(vocab, (h.shape[0],), generator=gen)
+            targets = drawn.to(h.device)  # (N,)
         if head is None:  # e.g. an adapter on the head itself: the plain logits
             logits = self.arch.logits(h)  # (N, V)
             if self.cfg.forget_loss == "max_entropy":
                 return losses.max_entropy(logits)
-            targets = torch.randint(logits.shape[-1], (logits.shape[0],), generator=gen).to(logits.device)  # (N,)
             return losses.random_target_ce(logits, targets)
         h = self.arch.norm(h)  # (N, D)
         if self.cfg.forget_loss == "max_entropy":
             return losses.max_entropy_from_hidden(h, *head)
-        targets = torch.randint(head[0].shape[0], (h.shape[0],), generator=gen).to(h.device)  # (N,)
         return losses.random_target_ce_from_hidden(h, *head, targets)
 
     def retain_loss(self, batch: dict) -> torch.Tensor:
@@ -114,6 +125,8 @@ class Unlearner:
         tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
         """
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        if self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states":
+            return self._l2_padded_states(ids, mask)
         real = mask.bool()
         kl = self.cfg.retain_loss == "kl"
         last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
@@ -133,15 +146,60 @@ class Unlearner:
         keep = self.retain_layers
         return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
 
+    def _l2_padded_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The reference code's L2 over the N+1 ``output_hidden_states`` (see :func:`losses.l2_retain_padded`)."""
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
+            original = self._hidden_states(ids, mask, adapter=False)
+        current = self._hidden_states(ids, mask, adapter=True)
+        return losses.l2_retain_padded(current, original, mask, self.cfg.max_length)
+
+    def _hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, *, adapter: bool) -> list[torch.Tensor]:
+        """What HF's ``output_hidden_states`` holds: embeddings, outputs of layers 0..N-2, final-norm output."""
+        ctx = self.arch.context(ids, mask)
+        emb = self.arch.embed(ids, ctx)  # (B, T, D)
+        outs: list[torch.Tensor] = []
+        last = run_layers(self.arch, emb, ctx, 0, self.arch.num_layers, adapter=adapter,
+                          checkpoint=self.checkpointing, capture=outs)
+        return [emb, *outs[:-1], self.arch.norm(last)]
+
     # ------------------------------------------------------------------ steps
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh AdamW over the adapter (weight decay on every LoRA weight, as the HF Trainer applies it)."""
+        return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def lr_at(self, phase: int, phase_step: int) -> float:
+        """Learning rate of optimizer step ``phase_step`` of ``phase`` (a pure function of both)."""
+        cfg = self.cfg
+        if cfg.optimizer_scope == "phase":
+            step, total = phase_step, self.steps_per_phase
+        else:
+            step, total = phase * self.steps_per_phase + phase_step, self.steps_per_phase * len(self.layers)
+        return cfg.lr * lr_factor(cfg.lr_schedule, step, total, cfg.warmup_steps)
+
+    def coefficients_at(self, phase: int, phase_step: int, micro: int) -> tuple[float, float]:
+        """``(forget_coef, retain_coef)`` of this process's micro-batch ``micro`` of optimizer step ``phase_step``."""
+        cfg = self.cfg
+        if cfg.ramp_unit == "micro_batch":  # the reference code: a counter of this process's micro-batches
+            per_epoch = len(self.data.forget) / (cfg.per_device_batch_size * self.acc.num_processes)
+            p = micro_batch_progress(phase_step * self.accum + micro, per_epoch)
+        elif cfg.schedule_scope == "run":
+            p = progress(phase * self.steps_per_phase + phase_step, self.steps_per_phase * len(self.layers))
+        else:
+            p = progress(phase_step, self.steps_per_phase)
+        return coefficients(p, cfg.remove_coef, cfg.retain_coef)
 
     def _micro_batches(self, phase: int, step: int):
         """The (forget, retain) micro-batches of this process for optimizer step ``step`` of ``phase``."""
         cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
         per_epoch = len(self.data.forget) // cfg.global_batch_size
         epoch = step // per_epoch
-        order_f = torch.randperm(len(self.data.forget), generator=_gen(cfg.seed, phase, epoch, 0))
-        order_r = torch.randperm(len(self.data.retain), generator=_gen(cfg.seed, phase, epoch, 1))
+        if cfg.data_order == "reference":  # the HF Trainer's seeded sampler: pairs, same order each phase
+            order_f = order_r = torch.randperm(len(self.data.forget),
+                                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        else:
+            order_f = torch.randperm(len(self.data.forget), generator=_gen(cfg.seed, phase, epoch, 0))
+            order_r = torch.randperm(len(self.data.retain), generator=_gen(cfg.seed, phase, epoch, 1))
         base = (step % per_epoch) * cfg.global_batch_size
         for m in range(self.accum):
             start = base + (m * world + rank) * cfg.per_device_batch_size
@@ -161,12 +219,14 @@ class Unlearner:
         added to the step's only when both losses are finite (a skipped micro-batch adds nothing).
         """
         cfg, pos = self.cfg, self.pos
-        total = self.steps_per_phase * (len(self.layers) if cfg.schedule_scope == "run" else 1)
-        done = pos.step if cfg.schedule_scope == "run" else pos.phase_step
-        fc, rc = coefficients(progress(done, total), cfg.remove_coef, cfg.retain_coef)
+        lr = self.lr_at(phase, pos.phase_step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         t0, tokens, f_sum, r_sum, used = time.perf_counter(), 0, 0.0, 0.0, 0
         world = self.acc.num_processes
+        coefs = [self.coefficients_at(phase, pos.phase_step, m) for m in range(self.accum)]
         for m, fb, rb in self._micro_batches(phase, pos.phase_step):
+            fc, rc = coefs[m]
             # Random targets and LoRA dropout are a function of the global micro-batch index, so
             # the run is the same whatever the number of processes and wherever it resumed.
             micro = (pos.phase_step * self.accum + m) * world + self.acc.process_index
@@ -176,7 +236,7 @@ class Unlearner:
             for p in self.params:
                 p.grad = None
             f = self._backward_in_parts(fb, lambda part: self.forget_loss(part, layer, gen), fc / self.accum)
-            r = self._backward_in_parts(rb, self.retain_loss, rc / self.accum)
+            r = self._backward_in_parts(rb, self.retain_loss, rc / self.accum, by_rows=self._retain_by_rows)
             fresh = [p.grad for p in self.params]
             for p, g in zip(self.params, held):
                 p.grad = g
@@ -193,17 +253,25 @@ class Unlearner:
         dt = time.perf_counter() - t0
         return {"layer": layer, "phase": phase, "step": pos.step, "phase_step": pos.phase_step,
                 "forget_loss": _mean(f_sum, used), "retain_loss": _mean(r_sum, used),
-                "forget_coef": fc, "retain_coef": rc, "lr": self.opt.param_groups[0]["lr"],
+                "forget_coef": sum(c[0] for c in coefs) / len(coefs),
+                "retain_coef": sum(c[1] for c in coefs) / len(coefs), "lr": lr,
                 "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
                 "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
 
-    def _backward_in_parts(self, batch: dict, loss_fn: Callable[[dict], torch.Tensor], coef: float) -> torch.Tensor:
+    @property
+    def _retain_by_rows(self) -> bool:
+        """Whether the retain loss is a mean over rows at a fixed padded length (the reference's L2)."""
+        return self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states"
+
+    def _backward_in_parts(self, batch: dict, loss_fn: Callable[[dict], torch.Tensor], coef: float,
+                           by_rows: bool = False) -> torch.Tensor:
         """Backward ``coef`` × ``loss_fn(batch)`` one row group (:func:`_row_groups`) at a time; returns the loss.
 
-        Every loss here is a mean over real tokens, so the batch's loss (and gradient) is the sum of
-        the groups' losses weighted by their share of real tokens. A group is padded only to its own
-        longest row and its graph is freed before the next group runs. Random targets are drawn group
-        after group from one generator, in row order: the same draws as for the whole batch.
+        A loss that is a mean over real tokens makes the batch's loss (and gradient) the sum of the
+        groups' losses weighted by their share of real tokens; one that is a mean over rows at a fixed
+        padded length (``by_rows``) weights them by their share of rows. A group is padded only to its
+        own longest row and its graph is freed before the next group runs. Random targets are drawn
+        group after group from one generator, in row order: the same draws as for the whole batch.
         """
         lengths = batch["attention_mask"].sum(dim=1).tolist()  # (B,) real tokens per row
         total = sum(lengths)
@@ -214,7 +282,7 @@ class Unlearner:
                 continue  # rows without tokens add nothing (a batch without any gives NaN, as before)
             width = max(lengths[start:stop]) if total else batch["attention_mask"].shape[1]
             part = {k: v[start:stop, :width].contiguous() for k, v in batch.items()}
-            share = n / total if total else 1.0
+            share = (stop - start) / len(lengths) if by_rows else (n / total if total else 1.0)
             with self.acc.autocast():
                 part_loss = loss_fn(part)
             if torch.isfinite(part_loss):
@@ -262,6 +330,8 @@ class Unlearner:
 
         for phase in range(self.pos.phase, len(self.layers)):
             layer = self.layers[phase]
+            if self.cfg.optimizer_scope == "phase" and self.pos.phase_step == 0:
+                self.opt = self._new_optimizer()  # empty AdamW moments, as a new HF Trainer per layer had
             bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.acc.is_main_process,
                        desc=f"phase {phase + 1}/{len(self.layers)} layer {layer}", dynamic_ncols=True)
             for _ in range(self.pos.phase_step, self.steps_per_phase):
@@ -444,7 +514,11 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
     for kind in ("forget", "retain"):
         spec = CorpusSpec(getattr(cfg, f"{kind}_data"), getattr(cfg, f"{kind}_subset"),
                           getattr(cfg, f"{kind}_split"), tuple(getattr(cfg, f"{kind}_fields")))
-        texts = load_texts(spec, limit=cfg.num_train_examples, seed=cfg.seed)
+        if cfg.data_order == "reference":
+            texts = load_texts_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.seed,
+                                            shuffled=kind == "retain")
+        else:
+            texts = load_texts(spec, limit=cfg.num_train_examples, seed=cfg.seed)
         if len(texts) < cfg.global_batch_size:
             raise UserError(f"the {kind} corpus has {len(texts)} examples, fewer than one global batch "
                             f"({cfg.global_batch_size}); add data or lower global_batch_size")

@@ -55,6 +55,27 @@ def l2_retain(current: list[torch.Tensor], original: list[torch.Tensor], mask: t
     return torch.stack(per_layer).mean()
 
 
+def l2_retain_padded(current: list[torch.Tensor], original: list[torch.Tensor], mask: torch.Tensor,
+                     padded_length: int) -> torch.Tensor:
+    """The reference code's L2: per-token norm of (current − original), mean over states × rows × padded length.
+
+    ``torch.norm((stack(current) − stack(original)) · mask, dim=-1).nanmean()`` on rows padded to
+    ``padded_length``: pad positions (and positions past this batch's width) count as zeros.
+
+    Args:
+        current: per state ``(B, T, D)`` hidden states of the model being trained (``T ≤ padded_length``).
+        original: the same states of the original model (no grad).
+        mask: ``(B, T)`` attention mask, 1 at real tokens.
+        padded_length: the length every row counts as (the reference padded to ``max_length``).
+
+    Returns:
+        Scalar loss.
+    """
+    real = mask.bool()
+    total = sum((c[real].float() - o[real].float()).norm(dim=-1).sum() for c, o in zip(current, original))
+    return total / (len(current) * mask.shape[0] * padded_length)
+
+
 def kl_retain(current_logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:
     """KL(original ‖ current) of the next-token distributions, mean over real tokens.
 
