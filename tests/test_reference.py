@@ -223,9 +223,9 @@ def test_reference_data_order_selects_and_pairs_as_the_reference_code(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     forget = load_texts_as_reference(CorpusSpec(str(path), fields=("title", "abstract", "text")), limit=8, seed=42,
-                                     shuffled=False)
+                                     shuffles=0)
     assert forget[:4] == ["t0\n\na0\n\nx0", "t1\n\na1\n\nx1", "t2\n\na2\n\nx2", "t3\n\n\n\nx3"]
-    retain = load_texts_as_reference(CorpusSpec(str(path), fields=("page",)), limit=8, seed=42, shuffled=True)
+    retain = load_texts_as_reference(CorpusSpec(str(path), fields=("page",)), limit=8, seed=42, shuffles=2)
     first = np.random.default_rng(42).permutation(12)[:8]  # datasets' shuffle(seed=42).select(range(8))
     assert retain == [f"p{first[j]}" for j in np.random.default_rng(42).permutation(8)]
     # The phase's micro-batches pair forget i with retain i in randperm(n, seed + epoch) order.

@@ -99,3 +99,75 @@ def test_tamper_config_checks():
     with pytest.raises(UserError, match="not a multiple"):
         TamperConfig(batch_size=6, per_device_batch_size=4)
     assert load_config(TamperConfig, overrides=["lrs=[1e-5,2e-5]"]).lrs == [1e-5, 2e-5]
+
+
+def test_document_chunking_cuts_each_document_on_its_own():
+    from sequnlearn.tamper import chunk_documents
+
+    tok = byte_tokenizer()
+    docs = ["abcdefgh", "xyz", "q"]
+    chunks = chunk_documents(docs, tok, max_length=3, max_chunks=2)
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    # at most 2 chunks of document 0; document 1 whole; document 2 has a single token: no training pair
+    assert chunks == [ids[0][0:3], ids[0][3:6], ids[1]]
+    assert len(chunk_documents(docs, tok, max_length=3)) == 4  # all 3 chunks of document 0
+
+
+def test_reference_tamper_preset_is_the_reference_attack():
+    cfg = load_config(TamperConfig, preset="reference-tamper")
+    assert (cfg.method, cfg.optimizer, cfg.weights_dtype()) == ("full", "adamw", "fp32")
+    assert (cfg.lrs, cfg.lr_schedule, cfg.weight_decay, cfg.max_grad_norm) == ([2e-5], "linear", 0.01, 1.0)
+    assert (cfg.batch_size, cfg.per_device_batch_size, cfg.steps, cfg.table_steps) == (16, 1, None, [0, 10, 100])
+    assert (cfg.chunking, cfg.max_chunks_per_doc, cfg.max_length, cfg.num_train_examples) == ("document", 5, 2048, 512)
+
+
+def test_one_epoch_with_linear_decay_and_clipping(monkeypatch):
+    import sequnlearn.tamper as tm
+
+    seen = []
+    real_step = tm._train_step
+
+    def spy(model, opt, chunks, order, step, cfg, accum, lr, device, sharded=False):
+        seen.append(lr)
+        return real_step(model, opt, chunks, order, step, cfg, accum, lr, device, sharded)
+
+    monkeypatch.setattr(tm, "_train_step", spy)
+    cfg = small_cfg(steps=None, chunking="document", max_chunks_per_doc=1, lr_schedule="linear", max_grad_norm=1.0,
+                    weight_decay=0.01, eval_every=100)
+    curve = attack(loader, cfg, lr=1e-3, seed=0, tasks={"forget": load_task(MCQ)}, texts=TEXTS[:16], progress=False)
+    assert [p["step"] for p in curve] == [0, 4]  # 16 documents, one chunk each, 4 per step: one epoch
+    assert seen == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def _big_weights_unchanged(dtype: torch.dtype, mixed: str) -> float:
+    """Share of weights with |w| > 1e-2 left bit-identical by 3 AdamW steps at lr 2e-5."""
+    import sequnlearn.tamper as tm
+
+    model = tiny_model("gpt_neox", seed=3).to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = small_cfg(mixed_precision=mixed, dtype="auto")
+    chunks = tm.make_chunks(TEXTS, byte_tokenizer(), cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        tm._train_step(model, opt, chunks, order, step, cfg, 2, 2e-5, torch.device("cpu"))
+    big = [(b.abs() > 1e-2) for b in before]
+    same = sum(((p.detach() == b) & m).sum().item() for p, b, m in zip(model.parameters(), before, big))
+    return same / sum(m.sum().item() for m in big)
+
+
+def test_fp32_master_weights_keep_the_updates_that_bf16_weights_lose():
+    assert _big_weights_unchanged(torch.bfloat16, "bf16") > 0.5  # the failure: most updates rounded away
+    assert _big_weights_unchanged(torch.float32, "bf16") < 0.01  # fp32 master weights under bf16 autocast
+    with pytest.raises(UserError, match="loses small updates to rounding"):
+        TamperConfig(dtype="bf16")
+    assert TamperConfig(dtype="bf16", method="lora").weights_dtype() == "bf16"
+    assert TamperConfig().weights_dtype() == "fp32"
+
+
+def test_table_shows_the_configured_steps(tmp_path):
+    corpus = tmp_path / "attack.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    cfg = small_cfg(data=str(corpus), data_fields=["text"], steps=3, eval_every=1, table_steps=[0, 1, 3], eval_limit=4)
+    tamper({"tiny": loader}, cfg, tmp_path, progress=False)
+    assert "| Step 0 | Step 1 | Step 3 | Max (step) |" in (tmp_path / "tamper.md").read_text()

@@ -179,7 +179,7 @@ def cmd_tamper(args) -> None:
     out = Path(args.out)
     _prepare_out_on_main(state, args.out, overwrite=args.overwrite)
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
-    loaders = {label: (lambda s=src: load_model(s, dtype=cfg.dtype, device=device))
+    loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
     result = tamper(loaders, cfg, out, baseline=args.baseline)
     if not state.is_main_process:

@@ -210,12 +210,26 @@ class TamperConfig:
     """Text fields of a record, joined by a blank line."""
     num_train_examples: int | None = None
     """Documents taken from the corpus (None = all)."""
+    data_order: str = "shuffle"
+    """Which documents: ``shuffle`` (shuffled with seed 0, the first ``num_train_examples``) or
+    ``reference`` (``datasets``' ``shuffle(data_seed).select(range(num_train_examples))``)."""
+    data_seed: int = 42
+    """Seed of the ``reference`` document selection."""
     max_length: int = 2048
-    """Tokens per training chunk (documents are joined with EOS and cut into chunks)."""
-    steps: int = 100
-    """Optimizer steps of the attack."""
+    """Tokens per training chunk."""
+    chunking: str = "stream"
+    """``stream``: documents joined with EOS and cut into ``max_length`` chunks; ``document``: each
+    document cut on its own into chunks of at most ``max_length`` (the last one shorter, padded in its
+    batch and left out of the loss), at most ``max_chunks_per_doc`` of them (the reference attack)."""
+    max_chunks_per_doc: int | None = None
+    """With ``chunking: document``, the first this many chunks of each document (None = all)."""
+    steps: int | None = 100
+    """Optimizer steps of the attack; None = one epoch over the chunks (chunks // batch_size)."""
     eval_every: int = 10
     """Evaluate every k steps (step 0 included)."""
+    table_steps: list[int] | None = None
+    """Steps shown as columns of ``tamper.md`` (e.g. the reference's [0, 10, 100]); None = step 0,
+    the first evaluation and the last step."""
     lrs: list[float] = field(default_factory=lambda: [2e-5])
     """Learning rates, one attack per learning rate and seed."""
     seeds: list[int] = field(default_factory=lambda: [42])
@@ -225,11 +239,14 @@ class TamperConfig:
     per_device_batch_size: int = 4
     """Chunks per forward pass (gradient accumulation makes up the rest)."""
     lr_schedule: str = "constant"
-    """constant, or cosine (with warmup_steps of linear warmup)."""
+    """constant, linear (decay to 0 at the last step, the HF Trainer's default) or cosine, each after
+    ``warmup_steps`` of linear warmup."""
     warmup_steps: int = 0
-    """Linear warmup steps for the cosine schedule."""
+    """Linear warmup steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    max_grad_norm: float = 0.0
+    """Gradient-norm clip; 0 disables."""
     optimizer: str = "adamw"
     """adamw, adamw_8bit or paged_adamw_8bit (the last two need bitsandbytes and a GPU)."""
     method: str = "full"
@@ -253,22 +270,46 @@ class TamperConfig:
     eval_batch_size: int = 16
     """Sequences per evaluation forward pass."""
     dtype: str = "auto"
-    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."""
+    """Weights dtype. auto: fp32 for a full fine-tune with AdamW (fp32 master weights and optimizer
+    state, so an update of lr 2e-5 is not lost to bf16 rounding), else bf16 on a GPU and fp32 on the
+    CPU. bf16/fp16 weights with a full AdamW fine-tune are refused (use adamw_8bit or lora)."""
+    mixed_precision: str = "auto"
+    """Autocast of the attack's forward: auto (bf16 on a GPU, none on the CPU), no, bf16."""
     gradient_checkpointing: bool | None = None
     """None = on with a GPU."""
 
+    def weights_dtype(self) -> str:
+        """The dtype to load the attacked weights in (see ``dtype``)."""
+        if self.dtype == "auto" and self.method == "full" and self.optimizer == "adamw":
+            return "fp32"
+        return self.dtype
+
     def __post_init__(self) -> None:
         _coerce_fields(self)
-        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("data_order", self.data_order, ("shuffle", "reference"))
+        _choice("chunking", self.chunking, ("stream", "document"))
+        _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16"))
         _choice("optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
         _choice("method", self.method, ("full", "lora"))
         _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
         _choice("eval_style", self.eval_style, ("letter", "cloze"))
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
-        for name in ("steps", "eval_every", "batch_size", "per_device_batch_size", "max_length", "lora_r",
+        for name in ("eval_every", "batch_size", "per_device_batch_size", "max_length", "lora_r",
                      "eval_batch_size"):
             _at_least(name, getattr(self, name), 1)
+        for name in ("steps", "max_chunks_per_doc"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
         _at_least("warmup_steps", self.warmup_steps, 0)
+        _at_least("max_grad_norm", self.max_grad_norm, 0)
+        _at_least("weight_decay", self.weight_decay, 0)
+        if self.method == "full" and self.optimizer == "adamw" and self.dtype in ("bf16", "fp16"):
+            raise UserError(f"a full fine-tune with AdamW on {self.dtype} weights loses small updates to rounding "
+                            "(lr 2e-5 leaves most weights unchanged), which understates the attack; use dtype "
+                            "auto or fp32 (fp32 master weights, bf16 autocast), optimizer adamw_8bit, or method lora")
+        if self.max_chunks_per_doc is not None and self.chunking != "document":
+            raise UserError("max_chunks_per_doc needs chunking: document")
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise UserError(f"lrs must be positive learning rates (got {self.lrs})")
         if not self.seeds:

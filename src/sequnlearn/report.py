@@ -57,7 +57,8 @@ def _at_step(curve: list[dict], step: int) -> float | None:
 def tamper_table(result: dict) -> str:
     """Markdown: one row per attack with Step 0 / first evaluation / last step and the maximum."""
     cfg = result["config"]
-    cols = sorted({0, cfg["eval_every"], cfg["steps"]})
+    last = max(p["step"] for run in result["runs"] for p in run["curve"])
+    cols = sorted(cfg.get("table_steps") or {0, cfg["eval_every"], last})
     head = "| Model | lr | seed | " + " | ".join(f"Step {s}" for s in cols) + " | Max (step) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in result["runs"]:

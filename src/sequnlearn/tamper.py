@@ -25,11 +25,12 @@ from typing import Callable
 import torch
 
 from sequnlearn.config import TamperConfig
-from sequnlearn.data.corpora import CorpusSpec, load_texts
+from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference
 from sequnlearn.distributed import (average_gradients, is_main, mean_over_processes, micro_batches_per_process,
                                     on_main, rank_and_world, shard_model, use_fsdp)
 from sequnlearn.errors import UserError
 from sequnlearn.runs import write_json
+from sequnlearn.unlearn.schedule import lr_factor
 
 Loader = Callable[[], tuple]  # () -> (model, tokenizer), fresh weights each call
 
@@ -54,6 +55,37 @@ def chunk_corpus(texts: list[str], tokenizer, max_length: int) -> torch.Tensor:
     return torch.tensor(stream[: n * T], dtype=torch.long).view(n, T)  # (N, T)
 
 
+def chunk_documents(texts: list[str], tokenizer, max_length: int, max_chunks: int | None = None) -> list[list[int]]:
+    """Cut each document on its own into consecutive chunks of at most ``max_length`` tokens.
+
+    Returns:
+        The chunks, document after document, at most ``max_chunks`` per document (None = all); a
+        document's last chunk may be shorter (it is padded in its batch and left out of the loss).
+
+    Raises:
+        UserError: no document has 2 tokens or more.
+    """
+    chunks = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        parts = [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
+        chunks.extend(p for p in parts[:max_chunks] if len(p) >= 2)
+    if not chunks:
+        raise UserError("the attack corpus is empty after tokenization; give a corpus with text")
+    return chunks
+
+
+def make_chunks(texts: list[str], tokenizer, cfg: TamperConfig) -> list[list[int]]:
+    """The attack's training chunks as ``cfg.chunking`` says (an EOS-joined stream, or per document)."""
+    if cfg.chunking == "document":
+        return chunk_documents(texts, tokenizer, cfg.max_length, cfg.max_chunks_per_doc)
+    return chunk_corpus(texts, tokenizer, cfg.max_length).tolist()
+
+
+def attack_steps(cfg: TamperConfig, n_chunks: int) -> int:
+    """Optimizer steps of an attack: ``cfg.steps``, or one epoch over ``n_chunks`` when that is None."""
+    return cfg.steps if cfg.steps is not None else max(1, n_chunks // cfg.batch_size)
+
+
 def _optimizer(cfg: TamperConfig, params, lr: float):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -63,16 +95,6 @@ def _optimizer(cfg: TamperConfig, params, lr: float):
         raise UserError(f"optimizer {cfg.optimizer} needs bitsandbytes; pip install bitsandbytes or use adamw") from None
     cls = bnb.optim.AdamW8bit if cfg.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=lr, weight_decay=cfg.weight_decay)
-
-
-def _lr_at(cfg: TamperConfig, lr: float, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based)."""
-    if cfg.lr_schedule == "constant":
-        return lr
-    if step < cfg.warmup_steps:
-        return lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / span))
 
 
 def _trainable(model, cfg: TamperConfig):
@@ -120,7 +142,8 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     torch.manual_seed(seed)
     model, tokenizer = load()
     device = next(model.parameters()).device
-    chunks = chunk_corpus(texts, tokenizer, cfg.max_length)
+    chunks = make_chunks(texts, tokenizer, cfg)
+    steps = attack_steps(cfg, len(chunks))
     model = _trainable(model, cfg)
     sharded = use_fsdp(cfg.sharding)
     if sharded:
@@ -130,16 +153,17 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable()
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
+    # The HF Trainer's seeded sampler gives this same order for its first epoch.
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
     accum = micro_batches_per_process(cfg.batch_size, cfg.per_device_batch_size, rank_and_world()[1], "batch_size")
     progress = progress and is_main()
     curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": None}]
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(1, steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, _lr_at(cfg, lr, step - 1), device,
-                           sharded)
+        step_lr = lr * lr_factor(cfg.lr_schedule, step - 1, steps, cfg.warmup_steps)
+        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, step_lr, device, sharded)
         bar.set_postfix(loss=f"{loss:.3f}", forget=f"{curve[-1]['forget_acc']:.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if step % cfg.eval_every == 0 or step == steps:
             curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": loss})
     return curve
 
@@ -147,27 +171,34 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
 def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device,
                 sharded: bool = False) -> float:
     """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks (this process's
-    ``accum`` micro-batches of them); returns the mean loss over the global batch."""
+    ``accum`` micro-batches of them); returns the mean loss over the global batch.
+
+    The weights stay in their own dtype (fp32 master weights for a full AdamW attack) and the forward
+    runs under ``mixed_precision`` autocast; gradients are clipped to ``max_grad_norm`` when set."""
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
     total = 0.0
     rank, world = rank_and_world()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     for m in range(accum):
         start = step * cfg.batch_size + (m * world + rank) * cfg.per_device_batch_size
-        idx = order[(torch.arange(cfg.per_device_batch_size) + start) % len(order)]  # (b,)
-        ids = chunks[idx].to(device)  # (b, T)
-        with amp:
-            loss = model(input_ids=ids, labels=ids).loss
+        idx = order[(torch.arange(cfg.per_device_batch_size) + start) % len(order)].tolist()  # (b,)
+        batch = {k: v.to(device) for k, v in collate([chunks[i] for i in idx], pad_id=0).items()}  # (b, T)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # pads left out of the loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch, labels=labels).loss
         total += loss.item() / accum
         if math.isfinite(total):
             (loss / accum).backward()
     (total,) = mean_over_processes([total], device)  # a non-finite loss on any process reaches all
     if not math.isfinite(total):
         raise UserError(f"the attack's training loss is {total} at step {step + 1}; lower the learning rate")
+    params = [p for group in opt.param_groups for p in group["params"]]
     if not sharded:  # FSDP has reduce-scattered (and averaged) them in backward
-        average_gradients(p for group in opt.param_groups for p in group["params"])
+        average_gradients(params)
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     model.eval()
@@ -177,6 +208,8 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
 def load_attack_texts(cfg: TamperConfig) -> list[str]:
     """The attack corpus of ``cfg`` (same loaders as the engine)."""
     spec = CorpusSpec(cfg.data, cfg.data_subset, cfg.data_split, tuple(cfg.data_fields))
+    if cfg.data_order == "reference":
+        return load_texts_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.data_seed, shuffles=1)
     return load_texts(spec, limit=cfg.num_train_examples, seed=0)
 
 

@@ -42,14 +42,15 @@ def load_texts(spec: CorpusSpec, *, limit: int | None = None, seed: int = 0) -> 
     return texts[:limit] if limit else texts
 
 
-def load_texts_as_reference(spec: CorpusSpec, *, limit: int, seed: int, shuffled: bool) -> list[str]:
+def load_texts_as_reference(spec: CorpusSpec, *, limit: int | None, seed: int, shuffles: int) -> list[str]:
     """Select texts as the reference code did: no empty text dropped, fields joined verbatim.
 
     Args:
-        shuffled: False → the first ``limit`` records in source order (the reference's forget corpus,
-            ``select(range(n))``); True → ``datasets``' ``shuffle(seed).select(range(limit))`` and then
-            ``shuffle(seed)`` once more (the reference's retain corpus). ``datasets`` shuffles with
-            ``numpy.random.default_rng(seed).permutation(len)``, which is what runs here.
+        limit: records kept (None = all).
+        shuffles: 0 → the first ``limit`` records in source order (the reference's forget corpus,
+            ``select(range(n))``); 1 → ``datasets``' ``shuffle(seed).select(range(limit))`` (its attack
+            corpus); 2 → that, shuffled once more with ``seed`` (its retain corpus). ``datasets``
+            shuffles with ``numpy.random.default_rng(seed).permutation(len)``, which is what runs here.
 
     Raises:
         UserError: as :func:`load_texts`, or fewer than ``limit`` records.
@@ -57,17 +58,19 @@ def load_texts_as_reference(spec: CorpusSpec, *, limit: int, seed: int, shuffled
     import numpy as np
 
     if spec.source.startswith("tiny:"):
-        records = [{f: t for f in spec.fields} for t in tiny_corpus(spec.source.split(":", 1)[1], n=limit, seed=seed)]
-        spec = CorpusSpec(spec.source, spec.subset, spec.split, spec.fields[:1])
+        generated = tiny_corpus(spec.source.split(":", 1)[1], n=limit or 64, seed=seed)
+        records, spec = [{spec.fields[0]: t} for t in generated], CorpusSpec(spec.source, fields=spec.fields[:1])
     else:
         records = _local_records(spec) if _is_local(spec.source) else _hub_records(spec)
+    limit = len(records) if limit is None else limit
     if len(records) < limit:
-        raise UserError(f"corpus {spec.source} has {len(records)} records, fewer than num_train_examples "
-                        f"({limit}); add data or lower num_train_examples")
+        raise UserError(f"corpus {spec.source} has {len(records)} records, fewer than the {limit} asked for "
+                        "(num_train_examples); add data or lower num_train_examples")
     index = list(range(limit))
-    if shuffled:
-        chosen = np.random.default_rng(seed).permutation(len(records))[:limit]
-        index = [int(chosen[i]) for i in np.random.default_rng(seed).permutation(limit)]
+    if shuffles >= 1:
+        index = [int(i) for i in np.random.default_rng(seed).permutation(len(records))[:limit]]
+    if shuffles >= 2:
+        index = [index[j] for j in np.random.default_rng(seed).permutation(limit)]
     return [_join_verbatim(records[i], spec) for i in index]
 
 

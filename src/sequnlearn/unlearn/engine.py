@@ -516,7 +516,7 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
                           getattr(cfg, f"{kind}_split"), tuple(getattr(cfg, f"{kind}_fields")))
         if cfg.data_order == "reference":
             texts = load_texts_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.seed,
-                                            shuffled=kind == "retain")
+                                            shuffles=2 if kind == "retain" else 0)
         else:
             texts = load_texts(spec, limit=cfg.num_train_examples, seed=cfg.seed)
         if len(texts) < cfg.global_batch_size:
