@@ -239,7 +239,7 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
     engine = Unlearner(unlearn_config(s), model, None, data, run, acc)
     perturb_lora(engine.model, s.seed)
     pending: list[tuple[torch.Generator, Batch]] = []
-    forget_loss = engine.forget_loss
+    forget_loss = engine.objective.forget_loss
 
     def micro_batches(phase: int, step: int):  # this step's batch instead of the engine's shuffled order
         f, r = pending[-1][1]
@@ -248,7 +248,7 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
     def same_targets(batch: dict, layer: int, gen: torch.Generator) -> torch.Tensor:
         return forget_loss(batch, layer, pending[-1][0])  # the naive's generator (one per step)
 
-    engine._micro_batches, engine.forget_loss = micro_batches, same_targets
+    engine._micro_batches, engine.objective.forget_loss = micro_batches, same_targets
 
     def step(i: int, batch: Batch) -> dict:
         pending[:] = [(target_generator(s.seed, i), batch)]

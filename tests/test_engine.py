@@ -58,9 +58,9 @@ def test_all_linear_targets_everything_but_the_head():
 
 
 def _forget_grads(engine: Unlearner, layer: int, checkpoint: bool) -> dict:
-    engine.checkpointing = checkpoint
+    engine.objective.checkpointing = checkpoint
     engine.model.zero_grad(set_to_none=True)
-    loss = engine.forget_loss(batch_of(engine), layer, torch.Generator().manual_seed(0))
+    loss = engine.objective.forget_loss(batch_of(engine), layer, torch.Generator().manual_seed(0))
     loss.backward()
     return {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
 
@@ -77,8 +77,8 @@ def test_forget_gradients_identical_with_and_without_checkpointing(tmp_path, fam
 
 def test_checkpoint_recompute_runs_with_the_adapter_state_of_its_forward(tmp_path):
     engine = make_engine(tmp_path, lora_dropout=0.0)
-    engine.checkpointing = True
-    loss = engine.forget_loss(batch_of(engine), 1, torch.Generator().manual_seed(0))
+    engine.objective.checkpointing = True
+    loss = engine.objective.forget_loss(batch_of(engine), 1, torch.Generator().manual_seed(0))
     tuners = [t for i in range(engine.arch.num_layers) for t in engine.arch.tuners(i)]
     for t in tuners:  # every adapter off at backward time (flag only: peft's switch also drops requires_grad)
         t._disable_adapters = True
@@ -105,13 +105,13 @@ def test_retain_losses_are_zero_while_adapter_is_identity(tmp_path):
         for name, p in engine.model.named_parameters():
             if "lora_B" in name:
                 p.data.zero_()
-        assert engine.retain_loss(batch_of(engine, "retain")).item() == pytest.approx(0.0, abs=1e-6)
+        assert engine.objective.retain_loss(batch_of(engine, "retain")).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_retain_l2_counts_only_configured_layers(tmp_path):
-    full = make_engine(tmp_path).retain_loss(batch_of(make_engine(tmp_path), "retain"))
+    full = make_engine(tmp_path).objective.retain_loss(batch_of(make_engine(tmp_path), "retain"))
     engine = make_engine(tmp_path, retain_layers="[0]")
-    first = engine.retain_loss(batch_of(engine, "retain"))
+    first = engine.objective.retain_loss(batch_of(engine, "retain"))
     assert first.item() != pytest.approx(full.item())
     assert first.item() > 0
 
@@ -121,10 +121,10 @@ def test_training_moves_forget_loss_and_keeps_base_weights(tmp_path):
     with torch.no_grad():
         engine.arch.head.weight.mul_(30)  # a peaked read-out, far from uniform
     frozen = {n: p.clone() for n, p in engine.model.named_parameters() if not p.requires_grad}
-    before = engine.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
+    before = engine.objective.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
     for _ in range(4):
         engine.optimizer_step(0, 3)
-    after = engine.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
+    after = engine.objective.forget_loss(batch_of(engine), 3, torch.Generator().manual_seed(0)).item()
     assert after < 0.9 * before
     assert all(torch.equal(p, frozen[n]) for n, p in engine.model.named_parameters() if not p.requires_grad)
 

@@ -73,9 +73,9 @@ def test_row_groups_equal_the_whole_batch_in_loss_and_gradient(tmp_path, monkeyp
 
     assert len(_row_groups(batch["attention_mask"].sum(1).tolist())) > 1
     def forget(gen):  # one generator per batch: the groups draw the whole batch's targets in row order
-        return lambda b: engine.forget_loss(b, 2, gen)
+        return lambda b: engine.objective.forget_loss(b, 2, gen)
 
-    for make_loss in (lambda: forget(torch.Generator().manual_seed(0)), lambda: engine.retain_loss):
+    for make_loss in (lambda: forget(torch.Generator().manual_seed(0)), lambda: engine.objective.retain_loss):
         engine.model.zero_grad(set_to_none=True)
         whole = make_loss()(batch)
         whole.backward()

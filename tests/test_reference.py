@@ -78,8 +78,8 @@ def test_reference_preset_reproduces_the_reference_codes_micro_batch(tmp_path, r
     fc, rc = coefficients(want["progress"], engine.cfg.remove_coef, engine.cfg.retain_coef)
     assert (fc, rc) == pytest.approx((want["forget_coeff"], want["retain_coeff"]))
     # The engine's own path: row groups, each padded to its own width; backward of coef × loss.
-    f = engine._backward_in_parts(fb, lambda part: engine.forget_loss(part, 2, targets=targets), fc)
-    r = engine._backward_in_parts(rb, engine.retain_loss, rc, by_rows=engine._retain_by_rows)
+    f = engine._backward_in_parts(fb, lambda part: engine.objective.forget_loss(part, 2, targets=targets), fc)
+    r = engine._backward_in_parts(rb, engine.objective.retain_loss, rc, by_rows=engine.objective.retain_by_rows)
     assert not queue
     assert f.item() == pytest.approx(want["forget_loss"], rel=1e-4)
     assert r.item() == pytest.approx(want["retain_loss"], rel=1e-4)
@@ -97,7 +97,7 @@ def test_our_defaults_differ_from_the_oracle_where_the_issue_says(tmp_path):
     want = json.loads((ORACLE / "oracle.json").read_text())["l2"]
     engine = oracle_engine(tmp_path, "l2", l2_reduction="real_tokens", forget_boundary="output")
     rb = collate(engine.data.retain, engine.data.pad_id)
-    r = engine.retain_loss(rb).item()
+    r = engine.objective.retain_loss(rb).item()
     assert r == pytest.approx(0.0739, abs=5e-4)  # the issue's number for our reduction on this batch
     assert abs(r - want["retain_loss"]) > 0.3
 
@@ -176,10 +176,10 @@ def test_input_boundary_is_the_reference_codes_suffix(tmp_path, layer):
     batch = collate(engine.data.forget[:3], engine.data.pad_id)
     n = int(batch["attention_mask"].sum())
     targets = torch.randint(engine.arch.head.weight.shape[0], (n,), generator=torch.Generator().manual_seed(1))
-    ours = engine.forget_loss(batch, layer, targets=lambda k: targets)
+    ours = engine.objective.forget_loss(batch, layer, targets=lambda k: targets)
     theirs = _hf_reference_forget_loss(engine, batch, layer, targets)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
-    output = tiny_engine(tmp_path, lora_dropout=0.0).forget_loss(batch, layer, targets=lambda k: targets)
+    output = tiny_engine(tmp_path, lora_dropout=0.0).objective.forget_loss(batch, layer, targets=lambda k: targets)
     if layer < 3:  # the output boundary at the same layer is another loss
         assert output.item() != pytest.approx(ours.item(), rel=1e-3)
 
@@ -198,13 +198,13 @@ def test_padded_states_l2_equals_the_hand_computation_on_a_padded_batch(tmp_path
     diff = torch.nn.functional.pad((cur - orig) * mask[None, :, :, None], (0, 0, 0, pad))
     hand = torch.norm(diff, dim=-1, p=2, dtype=torch.float).nanmean()
     assert cur.shape[0] == engine.arch.num_layers + 1
-    assert engine.retain_loss(batch).item() == pytest.approx(hand.item(), rel=1e-5)
+    assert engine.objective.retain_loss(batch).item() == pytest.approx(hand.item(), rel=1e-5)
     # Row groups (each padded to its own width) give the same loss and gradient as the whole batch.
     engine.model.zero_grad()
-    engine.retain_loss(batch).backward()
+    engine.objective.retain_loss(batch).backward()
     whole = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
     engine.model.zero_grad()
-    parts = engine._backward_in_parts(batch, engine.retain_loss, 1.0, by_rows=True)
+    parts = engine._backward_in_parts(batch, engine.objective.retain_loss, 1.0, by_rows=True)
     assert parts.item() == pytest.approx(hand.item(), rel=1e-5)
     for name, g in whole.items():
         torch.testing.assert_close(dict(engine.model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-7)

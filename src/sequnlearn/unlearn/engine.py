@@ -1,6 +1,9 @@
 """The phase loop: for each target layer L, back to front, train the LoRA adapter on
 forget loss (current model to layer L → original layers L+1..N) plus retain loss.
 
+The losses of a batch live in :mod:`~sequnlearn.unlearn.objective`, checkpoints and saved outputs
+in :mod:`~sequnlearn.unlearn.state`; this module runs the steps and the phases.
+
 One adapter runs through all phases; the AdamW optimizer either does too or starts afresh at
 each phase (``optimizer_scope``), with its lr schedule. The original model is the same weights
 with the adapter switched off. Every optimizer step is a pure function of (seed, phase, step),
@@ -11,39 +14,36 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from enum import IntEnum
 from typing import Callable
 
 import torch
 
 from sequnlearn.config import UnlearnConfig, dump_yaml
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference, tokenize
-from sequnlearn.distributed import (average_gradients, full_state, load_full_state, micro_batches_per_process,
-                                    shard_layers, use_fsdp)
+from sequnlearn.distributed import average_gradients, micro_batches_per_process, shard_layers, use_fsdp
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
-from sequnlearn.model.layers import Architecture, architecture, check_layers, hidden_after, run_layers
-from sequnlearn.runs import (RunDir, atomic_path, atomic_write_text, provenance, read_json, remove_stale_temp_files,
-                             write_json)
-from sequnlearn.unlearn import losses
+from sequnlearn.model.layers import Architecture, architecture, check_layers
+from sequnlearn.runs import RunDir, atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
+from sequnlearn.unlearn.objective import Objective
 from sequnlearn.unlearn.schedule import coefficients, lr_factor, micro_batch_progress, progress
+from sequnlearn.unlearn.state import Position, RunState
 
 
 class NonFiniteLoss(UserError):
     """A NaN/inf loss stopped the run (no model is written from a broken adapter)."""
 
 
-@dataclass
-class Position:
-    """Where the run stands: phase index, optimizer steps done in it, and in total."""
+class Stream(IntEnum):
+    """The named random streams of a run; each draw is seeded from (seed, stream, phase, index)."""
 
-    phase: int = 0
-    phase_step: int = 0
-    step: int = 0
-    nan_skipped: int = 0
+    FORGET_ORDER = 0
+    RETAIN_ORDER = 1
+    TARGETS = 7
+    DROPOUT = 8
 
 
 @dataclass
@@ -65,10 +65,11 @@ class Unlearner:
         lora.lora_dropout_train_mode(self.model)
         self.arch: Architecture = architecture(self.model)
         check_layers(self.arch, self.layers)
-        retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(self.arch.num_layers))
-        check_layers(self.arch, retain_layers)
-        self.retain_layers = retain_layers
         self.fsdp = use_fsdp(cfg.sharding)
+        checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
+                         else accelerator.device.type == "cuda")
+        self.objective = Objective(cfg, self.arch, checkpointing=checkpointing, sharded=self.fsdp)
+        self.state = RunState(run, accelerator, sharded=self.fsdp)
         if self.fsdp:
             shard_layers(self.arch.layers, accelerator.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -76,91 +77,7 @@ class Unlearner:
         self.accum = micro_batches_per_process(cfg.global_batch_size, cfg.per_device_batch_size,
                                                accelerator.num_processes, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
-        self.checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
-                              else accelerator.device.type == "cuda")
         self.pos = Position()
-
-    # ------------------------------------------------------------------ losses
-
-    def forget_loss(self, batch: dict, layer: int, gen: torch.Generator | None = None,
-                    targets: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
-        """Current model (adapter on) up to the boundary → original model's remaining layers, norm, head → loss.
-
-        The boundary (``forget_boundary``) is the output of ``layer`` (original runs ``layer+1..N-1``)
-        or its input (original runs ``layer..N-1``, the reference code). Only real tokens reach the
-        head. With a plain frozen head the loss forms the logits a chunk of tokens at a time
-        (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
-
-        Args:
-            gen: draws the random targets uniformly, one per real token in row order.
-            targets: instead of ``gen``, gives the ``(N,)`` targets of the batch's N real tokens
-                (e.g. the reference code's own draw, taken at the real tokens).
-        """
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        cut = layer if self.cfg.forget_boundary == "output" else layer - 1  # last layer the current model runs
-        h, ctx = hidden_after(self.arch, ids, mask, cut, adapter=True, checkpoint=self.checkpointing)
-        h = run_layers(self.arch, h, ctx, cut + 1, self.arch.num_layers, adapter=False,
-                       checkpoint=self.checkpointing)[mask.bool()]  # (N, D): only real tokens reach the head
-        head = losses.linear_head(self.arch.head)
-        vocab = self.arch.head.weight.shape[0]
-        if self.cfg.forget_loss == "random_ce":
-            drawn = targets(h.shape[0]) if targets else torch.randint(vocab, (h.shape[0],), generator=gen)
-            targets = drawn.to(h.device)  # (N,)
-        if head is None:  # e.g. an adapter on the head itself: the plain logits
-            logits = self.arch.logits(h)  # (N, V)
-            if self.cfg.forget_loss == "max_entropy":
-                return losses.max_entropy(logits)
-            return losses.random_target_ce(logits, targets)
-        h = self.arch.norm(h)  # (N, D)
-        if self.cfg.forget_loss == "max_entropy":
-            return losses.max_entropy_from_hidden(h, *head)
-        return losses.random_target_ce_from_hidden(h, *head, targets)
-
-    def retain_loss(self, batch: dict) -> torch.Tensor:
-        """L2 between current and original layer outputs, or KL(original ‖ current) on logits.
-
-        The original model runs under ``torch.inference_mode`` (``no_grad`` when FSDP-sharded, whose
-        gathered weights must not become inference tensors); for L2 both models run only up to
-        the deepest retain layer; for KL with a plain frozen head the logits are formed a chunk of
-        tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
-        """
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        if self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states":
-            return self._l2_padded_states(ids, mask)
-        real = mask.bool()
-        kl = self.cfg.retain_loss == "kl"
-        last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
-        head = losses.linear_head(self.arch.head) if kl else None
-        original: list[torch.Tensor] | None = None if kl else []
-        with torch.no_grad() if self.fsdp else torch.inference_mode():
-            h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
-            if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
-                h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
-        current: list[torch.Tensor] | None = None if kl else []
-        h_cur, _ = hidden_after(self.arch, ids, mask, last, adapter=True, checkpoint=self.checkpointing,
-                                capture=current)
-        if kl and head:
-            return losses.kl_retain_from_hidden(self.arch.norm(h_cur[real]), h_orig, *head)
-        if kl:
-            return losses.kl_retain(self.arch.logits(h_cur[real]), h_orig)
-        keep = self.retain_layers
-        return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
-
-    def _l2_padded_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The reference code's L2 over the N+1 ``output_hidden_states`` (see :func:`losses.l2_retain_padded`)."""
-        with torch.no_grad() if self.fsdp else torch.inference_mode():
-            original = self._hidden_states(ids, mask, adapter=False)
-        current = self._hidden_states(ids, mask, adapter=True)
-        return losses.l2_retain_padded(current, original, mask, self.cfg.max_length)
-
-    def _hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, *, adapter: bool) -> list[torch.Tensor]:
-        """What HF's ``output_hidden_states`` holds: embeddings, outputs of layers 0..N-2, final-norm output."""
-        ctx = self.arch.context(ids, mask)
-        emb = self.arch.embed(ids, ctx)  # (B, T, D)
-        outs: list[torch.Tensor] = []
-        last = run_layers(self.arch, emb, ctx, 0, self.arch.num_layers, adapter=adapter,
-                          checkpoint=self.checkpointing, capture=outs)
-        return [emb, *outs[:-1], self.arch.norm(last)]
 
     # ------------------------------------------------------------------ steps
 
@@ -198,8 +115,8 @@ class Unlearner:
             order_f = order_r = torch.randperm(len(self.data.forget),
                                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
         else:
-            order_f = torch.randperm(len(self.data.forget), generator=_gen(cfg.seed, phase, epoch, 0))
-            order_r = torch.randperm(len(self.data.retain), generator=_gen(cfg.seed, phase, epoch, 1))
+            order_f = torch.randperm(len(self.data.forget), generator=_order_gen(cfg.seed, Stream.FORGET_ORDER, phase, epoch))
+            order_r = torch.randperm(len(self.data.retain), generator=_order_gen(cfg.seed, Stream.RETAIN_ORDER, phase, epoch))
         base = (step % per_epoch) * cfg.global_batch_size
         for m in range(self.accum):
             start = base + (m * world + rank) * cfg.per_device_batch_size
@@ -230,13 +147,14 @@ class Unlearner:
             # Random targets and LoRA dropout are a function of the global micro-batch index, so
             # the run is the same whatever the number of processes and wherever it resumed.
             micro = (pos.phase_step * self.accum + m) * world + self.acc.process_index
-            gen = _gen(cfg.seed, 7, phase, micro)
-            torch.manual_seed(_seed(cfg.seed, 8, phase, micro))
+            gen = _gen(cfg.seed, Stream.TARGETS, phase, micro)
+            torch.manual_seed(_seed(cfg.seed, Stream.DROPOUT, phase, micro))
             held = [p.grad for p in self.params]
             for p in self.params:
                 p.grad = None
-            f = self._backward_in_parts(fb, lambda part: self.forget_loss(part, layer, gen), fc / self.accum)
-            r = self._backward_in_parts(rb, self.retain_loss, rc / self.accum, by_rows=self._retain_by_rows)
+            f = self._backward_in_parts(fb, lambda part: self.objective.forget_loss(part, layer, gen), fc / self.accum)
+            r = self._backward_in_parts(rb, self.objective.retain_loss, rc / self.accum,
+                                        by_rows=self.objective.retain_by_rows)
             fresh = [p.grad for p in self.params]
             for p, g in zip(self.params, held):
                 p.grad = g
@@ -257,11 +175,6 @@ class Unlearner:
                 "retain_coef": sum(c[1] for c in coefs) / len(coefs), "lr": lr,
                 "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
                 "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
-
-    @property
-    def _retain_by_rows(self) -> bool:
-        """Whether the retain loss is a mean over rows at a fixed padded length (the reference's L2)."""
-        return self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states"
 
     def _backward_in_parts(self, batch: dict, loss_fn: Callable[[dict], torch.Tensor], coef: float,
                            by_rows: bool = False) -> torch.Tensor:
@@ -346,7 +259,7 @@ class Unlearner:
                 if end:
                     self.pos.phase, self.pos.phase_step = phase + 1, 0
                 if end or (self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0):
-                    self.save_checkpoint()
+                    self.state.save_checkpoint(self.model, self.opt, self.pos)
                     if on_checkpoint:
                         on_checkpoint(self.pos)
             bar.close()
@@ -359,65 +272,15 @@ class Unlearner:
                 f.write(json.dumps(line) + "\n")
         self.acc.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=line["step"])
 
-    # ------------------------------------------------------------------ state
-
-    def save_checkpoint(self) -> None:
-        """Adapter weights, optimizer state and position, written atomically (main process)."""
-        self.acc.wait_for_everyone()
-        if self.fsdp:  # gathered by every process, written by the main one
-            model_sd, opt_sd = full_state(self.model, self.opt)
-            adapter = {k: v for k, v in model_sd.items() if "lora_" in k}
-        if not self.acc.is_main_process:
-            return
-        if not self.fsdp:
-            from peft import get_peft_model_state_dict
-
-            adapter, opt_sd = get_peft_model_state_dict(self.model), self.opt.state_dict()
-        state = {"adapter": adapter, "optimizer": opt_sd, "fsdp": self.fsdp,
-                 "position": vars(self.pos).copy(), "metrics_lines": _count_lines(self.run.metrics)}
-        with atomic_path(self.run.checkpoints / "state.pt") as tmp:
-            torch.save(state, tmp)
-
     def load_checkpoint(self) -> None:
-        """Continue from ``checkpoints/state.pt``; metrics lines written after it are dropped."""
-        from peft import set_peft_model_state_dict
-
-        path = self.run.checkpoints / "state.pt"
-        if not path.is_file():
-            return  # killed before the first checkpoint: start from the beginning
-        # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
-        # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("fsdp", False) != self.fsdp:
-            raise UserError(f"--resume: the checkpoint in {path.parent} was written with"
-                            f"{'' if state.get('fsdp') else 'out'} FSDP sharding; resume with the same sharding")
-        if self.fsdp:
-            load_full_state(self.model, state["adapter"], self.opt, state["optimizer"])
-        else:
-            set_peft_model_state_dict(self.model, state["adapter"])
-            self.opt.load_state_dict(state["optimizer"])
-        self.pos = Position(**state["position"])
-        if self.acc.is_main_process:
-            _truncate_lines(self.run.metrics, state["metrics_lines"])
+        """Continue from the run's checkpoint, if one was written."""
+        pos = self.state.load_checkpoint(self.model, self.opt)
+        if pos is not None:
+            self.pos = pos
 
     def save(self) -> None:
         """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors)."""
-        self.acc.wait_for_everyone()
-        model = self.model
-        if self.fsdp:  # gather the full weights into an unsharded copy on the CPU of the main process
-            model_sd, _ = full_state(self.model)
-        if not self.acc.is_main_process:
-            return
-        if self.fsdp:
-            model = self._unsharded_copy(model_sd)
-        _save_dir(self.run.adapter, model.save_pretrained)
-        merged = lora.merge_adapter(model)
-
-        def save_model(path: str) -> None:
-            merged.save_pretrained(path, safe_serialization=True)
-            self.tokenizer.save_pretrained(path)
-
-        _save_dir(self.run.model, save_model)
+        self.state.save_outputs(self.model, self.tokenizer, self._unsharded_copy)
 
     def _unsharded_copy(self, model_sd: dict):
         """The adapted model rebuilt on the CPU from a full state dict (what FSDP saving needs)."""
@@ -448,6 +311,18 @@ def _gen(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(_seed(*key))
 
 
+def _order_gen(seed: int, stream: Stream, phase: int, epoch: int) -> torch.Generator:
+    """The generator of a data-order stream.
+
+    Its key is ``(seed, phase, epoch, stream)`` for phases below 7 (what runs have always used, so
+    their numbers stay the same) and ``(seed, stream, phase, epoch, 0)`` from phase 7 on, where the
+    short key would coincide with the key of a target or dropout stream ``(seed, 7 or 8, ...)``.
+    """
+    if phase < Stream.TARGETS:
+        return _gen(seed, phase, epoch, stream)
+    return _gen(seed, stream, phase, epoch, 0)
+
+
 PASS_TOKENS = 256
 """What one more forward and backward pass costs, in padded tokens: a micro-batch is split into row
 groups only where that saves more padding than this per extra group."""
@@ -476,29 +351,6 @@ def _row_groups(lengths: list[int]) -> list[tuple[int, int]]:
 
 def _mean(total: float, n: int) -> float:
     return total / n if n else math.nan
-
-
-def _count_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for _ in f)
-
-
-def _truncate_lines(path: Path, n: int) -> None:
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-    atomic_write_text(path, "".join(lines))
-
-
-def _save_dir(path: Path, save: Callable[[str], None]) -> None:
-    """Write a directory via ``save(tmp)`` then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
 
 
 # ---------------------------------------------------------------------- a whole run

@@ -1,0 +1,118 @@
+"""The objective: forget and retain losses of one batch for a model with a LoRA adapter.
+
+Forget: the current model (adapter on) up to the boundary at target layer L, then the original
+model's remaining layers (adapter off), final norm and head, cross-entropy to random targets / log V.
+Retain: L2 between current and original hidden states, or KL(original ‖ current) on the logits.
+The original model is the same weights with the adapter switched off, per layer call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sequnlearn.config import UnlearnConfig
+from sequnlearn.model.layers import Architecture, check_layers, hidden_after, run_layers
+from sequnlearn.unlearn import losses
+
+
+class Objective:
+    """The losses of ``cfg`` on batches of the model behind ``arch``.
+
+    Attributes:
+        checkpointing: recompute layer activations in backward (gradient checkpointing).
+        sharded: the decoder layers are FSDP-sharded (the original model then runs under ``no_grad``,
+            since gathered weights must not become inference tensors).
+    """
+
+    def __init__(self, cfg: UnlearnConfig, arch: Architecture, *, checkpointing: bool, sharded: bool):
+        self.cfg, self.arch, self.checkpointing, self.fsdp = cfg, arch, checkpointing, sharded
+        self.retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(arch.num_layers))
+        check_layers(arch, self.retain_layers)
+
+    @property
+    def retain_by_rows(self) -> bool:
+        """Whether the retain loss is a mean over rows at a fixed padded length (the reference's L2),
+        rather than over real tokens: how a batch's row groups are weighted."""
+        return self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states"
+
+    def forget_loss(self, batch: dict, layer: int, gen: torch.Generator | None = None,
+                    targets: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Current model (adapter on) up to the boundary → original model's remaining layers, norm, head → loss.
+
+        The boundary (``forget_boundary``) is the output of ``layer`` (original runs ``layer+1..N-1``)
+        or its input (original runs ``layer..N-1``, the reference code). Only real tokens reach the
+        head. With a plain frozen head the loss forms the logits a chunk of tokens at a time
+        (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
+
+        Args:
+            gen: draws the random targets uniformly, one per real token in row order.
+            targets: instead of ``gen``, gives the ``(N,)`` targets of the batch's N real tokens
+                (e.g. the reference code's own draw, taken at the real tokens).
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        cut = layer if self.cfg.forget_boundary == "output" else layer - 1  # last layer the current model runs
+        h, ctx = hidden_after(self.arch, ids, mask, cut, adapter=True, checkpoint=self.checkpointing)
+        h = run_layers(self.arch, h, ctx, cut + 1, self.arch.num_layers, adapter=False,
+                       checkpoint=self.checkpointing)[mask.bool()]  # (N, D): only real tokens reach the head
+        head = losses.linear_head(self.arch.head)
+        vocab = self.arch.head.weight.shape[0]
+        if self.cfg.forget_loss == "random_ce":
+            drawn = targets(h.shape[0]) if targets else torch.randint(vocab, (h.shape[0],), generator=gen)
+            targets = drawn.to(h.device)  # (N,)
+        if head is None:  # e.g. an adapter on the head itself: the plain logits
+            logits = self.arch.logits(h)  # (N, V)
+            if self.cfg.forget_loss == "max_entropy":
+                return losses.max_entropy(logits)
+            return losses.random_target_ce(logits, targets)
+        h = self.arch.norm(h)  # (N, D)
+        if self.cfg.forget_loss == "max_entropy":
+            return losses.max_entropy_from_hidden(h, *head)
+        return losses.random_target_ce_from_hidden(h, *head, targets)
+
+    def retain_loss(self, batch: dict) -> torch.Tensor:
+        """L2 between current and original layer outputs, or KL(original ‖ current) on logits.
+
+        The original model runs under ``torch.inference_mode`` (``no_grad`` when FSDP-sharded, whose
+        gathered weights must not become inference tensors); for L2 both models run only up to
+        the deepest retain layer; for KL with a plain frozen head the logits are formed a chunk of
+        tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        if self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states":
+            return self._l2_padded_states(ids, mask)
+        real = mask.bool()
+        kl = self.cfg.retain_loss == "kl"
+        last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
+        head = losses.linear_head(self.arch.head) if kl else None
+        original: list[torch.Tensor] | None = None if kl else []
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
+            h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
+            if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
+                h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
+        current: list[torch.Tensor] | None = None if kl else []
+        h_cur, _ = hidden_after(self.arch, ids, mask, last, adapter=True, checkpoint=self.checkpointing,
+                                capture=current)
+        if kl and head:
+            return losses.kl_retain_from_hidden(self.arch.norm(h_cur[real]), h_orig, *head)
+        if kl:
+            return losses.kl_retain(self.arch.logits(h_cur[real]), h_orig)
+        keep = self.retain_layers
+        return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
+
+    def _l2_padded_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The reference code's L2 over the N+1 ``output_hidden_states`` (see :func:`losses.l2_retain_padded`)."""
+        with torch.no_grad() if self.fsdp else torch.inference_mode():
+            original = self._hidden_states(ids, mask, adapter=False)
+        current = self._hidden_states(ids, mask, adapter=True)
+        return losses.l2_retain_padded(current, original, mask, self.cfg.max_length)
+
+    def _hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, *, adapter: bool) -> list[torch.Tensor]:
+        """What HF's ``output_hidden_states`` holds: embeddings, outputs of layers 0..N-2, final-norm output."""
+        ctx = self.arch.context(ids, mask)
+        emb = self.arch.embed(ids, ctx)  # (B, T, D)
+        outs: list[torch.Tensor] = []
+        last = run_layers(self.arch, emb, ctx, 0, self.arch.num_layers, adapter=adapter,
+                          checkpoint=self.checkpointing, capture=outs)
+        return [emb, *outs[:-1], self.arch.norm(last)]

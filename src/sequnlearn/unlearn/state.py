@@ -1,0 +1,133 @@
+"""The state of a run on disk: resumable checkpoints, the saved adapter and the merged model.
+
+A checkpoint (``checkpoints/state.pt``) holds the adapter, the optimizer state, the position and how
+many metrics lines had been written, so a resumed run continues exactly where the checkpoint was
+taken. Under FSDP every process takes part in gathering the full state; only the main process
+writes. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from sequnlearn.distributed import full_state, load_full_state
+from sequnlearn.errors import UserError
+from sequnlearn.model import adapter as lora
+from sequnlearn.runs import RunDir, atomic_path, atomic_write_text
+
+
+@dataclass
+class Position:
+    """Where the run stands: phase index, optimizer steps done in it, and in total."""
+
+    phase: int = 0
+    phase_step: int = 0
+    step: int = 0
+    nan_skipped: int = 0
+
+
+class RunState:
+    """Checkpoints and outputs of one run directory, written by the main process.
+
+    Args:
+        run: the run directory.
+        acc: the process handle (``is_main_process``, ``wait_for_everyone``).
+        sharded: the model is FSDP-sharded (state is gathered by every process).
+    """
+
+    def __init__(self, run: RunDir, acc, *, sharded: bool):
+        self.run, self.acc, self.fsdp = run, acc, sharded
+
+    def save_checkpoint(self, model, opt: torch.optim.Optimizer, pos: Position) -> None:
+        """Adapter weights, optimizer state and position, written atomically (main process)."""
+        self.acc.wait_for_everyone()
+        if self.fsdp:  # gathered by every process, written by the main one
+            model_sd, opt_sd = full_state(model, opt)
+            adapter = {k: v for k, v in model_sd.items() if "lora_" in k}
+        if not self.acc.is_main_process:
+            return
+        if not self.fsdp:
+            from peft import get_peft_model_state_dict
+
+            adapter, opt_sd = get_peft_model_state_dict(model), opt.state_dict()
+        state = {"adapter": adapter, "optimizer": opt_sd, "fsdp": self.fsdp,
+                 "position": vars(pos).copy(), "metrics_lines": _count_lines(self.run.metrics)}
+        with atomic_path(self.run.checkpoints / "state.pt") as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self, model, opt: torch.optim.Optimizer) -> Position | None:
+        """Load ``checkpoints/state.pt`` into ``model`` and ``opt``; metrics lines written after it are
+        dropped. Returns its position, or None when no checkpoint was written yet.
+
+        Raises:
+            UserError: the checkpoint was written with another sharding.
+        """
+        from peft import set_peft_model_state_dict
+
+        path = self.run.checkpoints / "state.pt"
+        if not path.is_file():
+            return None  # killed before the first checkpoint: start from the beginning
+        # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
+        # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("fsdp", False) != self.fsdp:
+            raise UserError(f"--resume: the checkpoint in {path.parent} was written with"
+                            f"{'' if state.get('fsdp') else 'out'} FSDP sharding; resume with the same sharding")
+        if self.fsdp:
+            load_full_state(model, state["adapter"], opt, state["optimizer"])
+        else:
+            set_peft_model_state_dict(model, state["adapter"])
+            opt.load_state_dict(state["optimizer"])
+        if self.acc.is_main_process:
+            _truncate_lines(self.run.metrics, state["metrics_lines"])
+        return Position(**state["position"])
+
+    def save_outputs(self, model, tokenizer, unsharded_copy: Callable[[dict], object]) -> None:
+        """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors).
+
+        Args:
+            unsharded_copy: rebuilds the adapted model on the CPU from a full state dict (FSDP only).
+        """
+        self.acc.wait_for_everyone()
+        if self.fsdp:  # gather the full weights into an unsharded copy on the CPU of the main process
+            model_sd, _ = full_state(model)
+        if not self.acc.is_main_process:
+            return
+        if self.fsdp:
+            model = unsharded_copy(model_sd)
+        _save_dir(self.run.adapter, model.save_pretrained)
+        merged = lora.merge_adapter(model)
+
+        def save_model(path: str) -> None:
+            merged.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+
+        _save_dir(self.run.model, save_model)
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def _truncate_lines(path: Path, n: int) -> None:
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+    atomic_write_text(path, "".join(lines))
+
+
+def _save_dir(path: Path, save: Callable[[str], None]) -> None:
+    """Write a directory via ``save(tmp)`` then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
