@@ -74,7 +74,7 @@ def _method(cfg: dict) -> list[str]:
 
 
 def _fmt(x: Any) -> str:
-    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else ("-" if x is None else str(x))
+    return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
 
 def _eval_table(ev: dict) -> list[str]:
