@@ -16,11 +16,37 @@ from sequnlearn.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``sequnlearn`` parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="sequnlearn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sequnlearn", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_unlearn, _add_tamper, _add_sweep, _add_report, _add_eval, _add_toyworld, _add_demo):
+    for add in (_add_unlearn, _add_tamper, _add_sweep, _add_report, _add_eval, _add_toyworld, _add_demo,
+                _add_tasks_path):
         add(sub)
     return parser
+
+
+DESCRIPTION = """\
+Remove hazardous knowledge (e.g. WMDP-Bio) from an open-weight causal language model with
+sequential back-to-front unlearning, measure what it still knows, and attack the removal
+with fine-tuning to see whether it holds."""
+
+EPILOG = """\
+examples:
+  sequnlearn demo --reduced                                 the whole pipeline on a toy world (a minute, CPU)
+  sequnlearn unlearn --preset deep-ignorance-l2 --out runs/l2
+  sequnlearn eval runs/l2 --tasks wmdp_bio_robust,mmlu
+  sequnlearn tamper runs/l2 --lr 2e-5 --out runs/l2-tamper
+  lm_eval --include_path "$(sequnlearn tasks-path)" --tasks wmdp_bio_robust_sequnlearn ...
+
+Every command answers bad input with one line and exit code 2 and writes nothing.
+`sequnlearn COMMAND --help` lists a command's options."""
+
+
+def _version() -> str:
+    from sequnlearn import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,8 +102,8 @@ def cmd_unlearn(args) -> None:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
     state = _processes()
-    _prepare_out_on_main(state, args.out, resume=args.resume, overwrite=args.overwrite)
-    run = RunDir(Path(args.out))
+    _check_out_on_main(state, args.out, resume=args.resume, overwrite=args.overwrite)
+    run = RunDir(Path(args.out), overwrite=args.overwrite and not args.resume)  # created at its first file
     from sequnlearn.unlearn.engine import unlearn
 
     try:
@@ -137,6 +163,17 @@ def cmd_eval(args) -> None:
     print(format_table(results))
     write_json(out, {"model": args.model, **results})
     print(f"wrote {out}")
+    _update_card(args.model, out)
+
+
+def _update_card(model: str, eval_out: Path) -> None:
+    """Rebuild the model card of a finished run whose ``eval.json`` was just written."""
+    from sequnlearn.modelcard import write_model_card
+    from sequnlearn.runs import run_of_model
+
+    run = run_of_model(model)
+    if run is not None and eval_out.resolve() == run.eval.resolve():
+        write_model_card(run)
 
 
 # ---------------------------------------------------------------- tamper
@@ -166,7 +203,7 @@ def _add_tamper(sub) -> None:
 
 def cmd_tamper(args) -> None:
     from sequnlearn.config import TamperConfig, load_config
-    from sequnlearn.model.load import load_model, model_source
+    from sequnlearn.model.load import inspect_model, load_model, model_source
     from sequnlearn.tamper import tamper
 
     flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
@@ -175,17 +212,31 @@ def cmd_tamper(args) -> None:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
     cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
     sources = {_label(m): model_source(m) for m in args.models}
+    for src in sources.values():
+        inspect_model(src, max_length=cfg.max_length)
     state = _processes()  # under `accelerate launch`: one slice of each batch per process
     out = Path(args.out)
-    _prepare_out_on_main(state, args.out, overwrite=args.overwrite)
+    _check_out_on_main(state, args.out, overwrite=args.overwrite)  # files replace their old copies
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
     result = tamper(loaders, cfg, out, baseline=args.baseline)
     if not state.is_main_process:
         return
+    _record_tamper(args.models, result, out)
     print((out / "tamper.md").read_text(), end="")
     print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
+
+
+def _record_tamper(models: list[str], result: dict, out: Path) -> None:
+    """Each attacked model that is a finished run gets the result in its model card."""
+    from sequnlearn.modelcard import record_tamper
+    from sequnlearn.runs import run_of_model
+
+    for m in models:
+        run = run_of_model(m)
+        if run is not None:
+            record_tamper(run, _label(m), result, out)
 
 
 def _csv(text: str | None) -> str | None:
@@ -261,8 +312,13 @@ def cmd_demo(args) -> None:
     from sequnlearn.toyworld import ToyWorldConfig
     from sequnlearn.toyworld.demo import DemoOptions, reduced_overrides, run_demo
 
+    from sequnlearn.config import TamperConfig, load_config
+
     world_cfg = ToyWorldConfig.reduced() if args.reduced else ToyWorldConfig()
     unlearn_sets, tamper_sets = reduced_overrides() if args.reduced else ([], [])
+    load_config(preset=args.preset, overrides=unlearn_sets + list(args.set))  # bad input: before any file
+    if not args.no_tamper:
+        load_config(TamperConfig, preset="toy-tamper", overrides=tamper_sets)
     opts = DemoOptions(out=Path(args.out), world_dir=Path(args.world), world_config=world_cfg,
                        unlearn_preset=args.preset, unlearn_overrides=unlearn_sets + list(args.set),
                        tamper_preset=None if args.no_tamper else "toy-tamper", tamper_overrides=tamper_sets)
@@ -308,6 +364,9 @@ def cmd_sweep(args) -> None:
         path = write_slurm(sweep, out, args.accelerate_args)
         print(f"wrote {path}; submit it with: sbatch {path}")
         return
+    from sequnlearn.sweep import check_inputs
+
+    check_inputs(sweep)  # model and evaluation data, before the first point writes anything
     state = _processes()  # under `accelerate launch`: the process group, before any point
     for i in [args.only] if args.only is not None else range(len(points)):
         run_point(sweep, i, out)
@@ -335,6 +394,25 @@ def cmd_report(args) -> None:
     print(f"{result['runs']} runs; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
 
 
+# ---------------------------------------------------------------- tasks-path
+
+
+def _add_tasks_path(sub) -> None:
+    p = sub.add_parser("tasks-path", help="write our lm-eval task YAMLs and print their directory (for stock lm_eval)",
+                       description="Write the WMDP-Bio-Robust task definitions (letter: wmdp_bio_robust_sequnlearn, "
+                       "cloze: wmdp_bio_robust_sequnlearn_cloze) and print the directory, for "
+                       "`lm_eval --include_path DIR --tasks wmdp_bio_robust_sequnlearn ...`.")
+    p.add_argument("--data-dir", metavar="DIR", help="use the offline copy DIR/wmdp_bio_robust.jsonl instead of the hub")
+    p.add_argument("--out", metavar="DIR", help="where to write (default: a folder in ~/.cache/sequnlearn)")
+    p.set_defaults(func=cmd_tasks_path)
+
+
+def cmd_tasks_path(args) -> None:
+    from sequnlearn.eval.stock import write_task_dir
+
+    print(write_task_dir(args.out, args.data_dir))
+
+
 def _processes():
     """The process state (one process, or all of an ``accelerate launch``/``torchrun``); starts the group."""
     from accelerate import PartialState
@@ -342,12 +420,13 @@ def _processes():
     return PartialState(cpu=not _cuda())
 
 
-def _prepare_out_on_main(state, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
-    """Only the main process checks and creates ``--out``; the others wait for it."""
-    from sequnlearn.runs import prepare_out_dir
+def _check_out_on_main(state, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Only the main process checks ``--out`` (creating nothing: it appears with its first file); the
+    others wait for it."""
+    from sequnlearn.runs import check_out_dir
 
     if state.is_main_process:
-        prepare_out_dir(out, resume=resume, overwrite=overwrite)
+        check_out_dir(out, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
 
 

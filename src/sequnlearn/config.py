@@ -389,24 +389,14 @@ def presets() -> list[str]:
 
 
 def read_yaml(path: Path) -> dict:
-    """Read a YAML mapping.
+    """Read a YAML mapping (through :func:`sequnlearn.io.read_yaml`).
 
     Raises:
-        UserError: missing file, syntax error, or not a mapping.
+        UserError: missing or unreadable file, not UTF-8, syntax error, or not a mapping.
     """
-    if not path.is_file():
-        raise UserError(f"config file {path} does not exist; check the path")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"YAML syntax error in {path}{where}: {getattr(e, 'problem', e)}; fix the file") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of key: value (got {type(data).__name__})")
-    return data
+    from sequnlearn import io
+
+    return io.read_yaml(path, "config file")
 
 
 def preset_dict(name: str) -> dict:

@@ -135,8 +135,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     Returns:
         ``(runs, baselines)``; a run row has its path, config, eval and metrics.
     """
-    import yaml
-
+    from sequnlearn import io
     from sequnlearn.runs import read_json, read_jsonl
 
     runs, baselines = [], []
@@ -146,7 +145,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             if ev.get("baseline"):
                 baselines.append({"path": str(ev_path.parent), "eval": ev})
             elif (ev_path.parent / "config.yaml").is_file() and "forget_acc" in ev:
-                cfg = yaml.safe_load((ev_path.parent / "config.yaml").read_text())
+                cfg = io.read_yaml(ev_path.parent / "config.yaml", "run config")
                 runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
                              "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
     return runs, baselines
@@ -318,6 +317,7 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     baselines = _distinct_baselines(baselines)
     if not runs:
         raise UserError(f"no finished runs (config.yaml + eval.json) under {', '.join(map(str, dirs))}; run a sweep first")
+    tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]  # all read before any write
     out.mkdir(parents=True, exist_ok=True)
     rows = table_rows(runs)
     md = markdown_table(rows, baselines)
@@ -327,7 +327,6 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png")
     plot_sweep_losses(runs, out / "losses.png")
     written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"]
-    tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]
     if tampers:
         merged = {**tampers[0], "runs": [r for t in tampers for r in t["runs"]]}
         plot_tamper(merged, out / "tamper.png")

@@ -6,6 +6,7 @@ directory, fsync, rename), so a kill never leaves a truncated file behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -26,6 +27,12 @@ class RunDir:
     """Paths of one run directory (the unit of every result)."""
 
     root: Path
+    overwrite: bool = False
+    """:meth:`claim` empties a non-empty directory first (``--overwrite``)."""
+
+    def claim(self) -> Path:
+        """Create the directory just before its first file is written (see :func:`claim_out_dir`)."""
+        return claim_out_dir(self.root, overwrite=self.overwrite)
 
     @property
     def config(self) -> Path:
@@ -64,6 +71,15 @@ class RunDir:
         return (self.model / "config.json").is_file()
 
 
+def run_of_model(path: str | os.PathLike) -> RunDir | None:
+    """The finished run a model path belongs to (the run directory or its ``model/``), else ``None``."""
+    p = Path(path)
+    for root in (p, p.parent if p.name == "model" else None):
+        if root is not None and RunDir(root).is_run() and RunDir(root).is_finished():
+            return RunDir(root)
+    return None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it onto ``path`` if the block succeeds."""
@@ -77,6 +93,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            kept = "the previous one is intact" if path.exists() else "nothing was written"
+            raise UserError(f"cannot write {path} ({os.strerror(e.errno)}); {kept}; free space, then run the "
+                            "command again (unlearn: with --resume)") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,18 +128,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file."""
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """Read a JSON file (a damaged one is a :class:`UserError` naming it, see :mod:`sequnlearn.io`)."""
+    from sequnlearn import io
+
+    return io.read_json(path, "file")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file; a missing file is an empty list."""
+    """Read a JSON-lines file of objects; a missing file is an empty list."""
+    from sequnlearn import io
+
     path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return io.read_jsonl(path, "file") if path.exists() else []
 
 
 def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -125,24 +147,29 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def prepare_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check that ``out`` may be written and create it.
+def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Check that ``out`` may be written; creates and changes nothing.
 
     Raises:
-        UserError: ``out`` is non-empty without ``resume``/``overwrite``, or ``resume`` was
+        UserError: ``out`` is a file, is non-empty without ``resume``/``overwrite``, or ``resume`` was
             asked for on a directory that holds no run.
     """
     out = Path(out)
-    non_empty = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
     if resume:
         if not RunDir(out).is_run():
             raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start a new run")
         return out
-    if non_empty and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
-    if non_empty and overwrite:
+    return out
+
+
+def claim_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Create ``out`` for the first file written into it; with ``overwrite``, empty it first."""
+    out = Path(out)
+    if overwrite and out.is_dir() and any(out.iterdir()):
         import shutil
 
         shutil.rmtree(out)
@@ -150,17 +177,83 @@ def prepare_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: 
     return out
 
 
-def _git(*args: str) -> str | None:
+def prepare_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """:func:`check_out_dir`, then create ``out`` (emptied first with ``overwrite``)."""
+    check_out_dir(out, resume=resume, overwrite=overwrite)
+    return Path(out) if resume else claim_out_dir(out, overwrite=overwrite)
+
+
+def _git(cwd: Path, *args: str) -> str | None:
     try:
-        here = Path(__file__).resolve().parent
-        r = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
         return r.stdout.strip() if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def source_info() -> dict:
+    """The running sequnlearn: version, and commit + dirty flag when it runs from a git checkout of
+    sequnlearn itself (never those of a repository it is merely installed inside)."""
+    import sequnlearn
+
+    pkg = Path(sequnlearn.__file__).resolve().parent
+    top = _git(pkg, "rev-parse", "--show-toplevel")
+    ours = top is not None and (Path(top) / "src" / "sequnlearn").resolve() == pkg
+    info = {"version": sequnlearn.__version__, "source": "git checkout" if ours else "installed", "path": str(pkg),
+            "git_commit": None, "git_dirty": None}
+    if ours:
+        status = _git(pkg, "status", "--porcelain")
+        info.update(git_commit=_git(pkg, "rev-parse", "HEAD"), git_dirty=bool(status) if status is not None else None)
+    return info
+
+
+def hardware() -> dict:
+    """CPU model and cores, memory, and the GPUs torch sees."""
+    import psutil
+    import torch
+
+    cpu = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpus = [{"name": torch.cuda.get_device_name(i),
+             "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"cpu": cpu, "cpu_cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpus": gpus}
+
+
+def token_fingerprint(seqs: list[list[int]]) -> dict:
+    """Number of documents and tokens, and a SHA-256 of the token ids (each document length-prefixed)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for seq in seqs:
+        h.update(len(seq).to_bytes(8, "little"))
+        h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in seq))
+    return {"documents": len(seqs), "tokens": sum(len(s) for s in seqs), "token_ids_sha256": h.hexdigest()}
+
+
+def config_sha256(cfg) -> str:
+    """SHA-256 of the resolved config as written to ``config.yaml``."""
+    import hashlib
+
+    from sequnlearn.config import dump_yaml
+
+    return hashlib.sha256(dump_yaml(cfg).encode("utf-8")).hexdigest()
+
+
+def run_fingerprints(cfg, batches) -> dict:
+    """The resolved config's hash and the fingerprints of the tokenized forget/retain examples a run trains on."""
+    return {"config_sha256": config_sha256(cfg),
+            "data": {"forget": token_fingerprint(batches.forget), "retain": token_fingerprint(batches.retain)}}
+
+
 def provenance(device: str | None = None) -> dict:
-    """Git commit, dirty flag, package versions, device, host and start time."""
+    """sequnlearn's version (and commit + dirty flag from its own checkout), package versions,
+    hardware, device, host and start time."""
     from importlib.metadata import PackageNotFoundError, version
 
     pkgs = {}
@@ -169,13 +262,16 @@ def provenance(device: str | None = None) -> dict:
             pkgs[name] = version(name)
         except PackageNotFoundError:
             pkgs[name] = None
-    status = _git("status", "--porcelain")
+    source = source_info()
+    pkgs["sequnlearn"] = source["version"]  # the code that runs, whatever dist-info is on the path
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        "git_commit": source["git_commit"],
+        "git_dirty": source["git_dirty"],
+        "sequnlearn": source,
         "packages": pkgs,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "hardware": hardware(),
         "device": device,
         "argv": sys.argv,
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

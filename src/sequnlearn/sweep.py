@@ -148,6 +148,22 @@ def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_inputs(sweep: Sweep) -> None:
+    """Check what the points share before any runs: the evaluation tasks load, each model is sound.
+
+    Raises:
+        UserError: an MCQ file or model directory that is missing, undecodable or damaged.
+    """
+    from sequnlearn.data.mcq import load_task
+    from sequnlearn.model.load import inspect_model
+
+    for key in ("forget_task", "retain_task"):
+        if sweep.eval.get(key):
+            load_task(sweep.eval[key], num_fewshot=sweep.eval.get("num_fewshot", 0))
+    for model, max_length in sorted({(c.model, c.max_length) for c in map(sweep.config, sweep.points())}):
+        inspect_model(model, max_length=max_length)
+
+
 def run_point(sweep: Sweep, index: int, out: Path) -> Path:
     """Unlearn and evaluate point ``index`` into its run directory (skip if done, resume if started).
 
@@ -166,14 +182,14 @@ def run_point(sweep: Sweep, index: int, out: Path) -> Path:
     _say(main, f"[sweep] {index + 1}/{len(sweep.points())} {run.root.name}")
     if not run.is_finished():
         resume = run.is_run()
-        barrier()  # every process has looked before the main one creates the directory
-        if main:
-            run.root.mkdir(parents=True, exist_ok=True)
-        barrier()
+        barrier()  # every process has looked before the run directory appears (with its first file)
         unlearn(cfg, run, resume=resume)
     result = on_main(lambda: evaluate_model(str(run.model), sweep.eval))
     if main:
+        from sequnlearn.modelcard import write_model_card
+
         write_json(run.eval, {"point": point, **result})
+        write_model_card(run)
     barrier()
     return run.root
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,23 +87,23 @@ def _is_local(source: str) -> bool:
 
 
 def _local_records(spec: CorpusSpec) -> list[dict]:
-    path = Path(spec.source)
-    if not path.is_file():
-        raise UserError(f"corpus file {path} does not exist; check the path")
-    if path.suffix == ".txt":
-        return [{spec.fields[0]: block} for block in path.read_text(encoding="utf-8").split("\n\n")]
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Records of a local corpus file, read through :mod:`sequnlearn.io` (every bad file is a UserError)."""
+    from sequnlearn import io
 
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-            return data if isinstance(data, list) else data.get(spec.split) or data.get("data") or []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+    path, what = Path(spec.source), "corpus file"
+    if path.suffix == ".txt":
+        return [{spec.fields[0]: block} for block in io.read_text(path, what).split("\n\n")]
+    if path.suffix == ".parquet":
+        return io.read_parquet(path, what)
+    if path.suffix != ".json":
+        return io.read_jsonl(path, what)
+    data = io.read_json(path, what)
+    if isinstance(data, dict):
+        data = data.get(spec.split) or data.get("data") or []
+    io.expect(data, list, f"{what} {path}", f"give a list of objects (or {{{spec.split!r}: [...]}})")
+    for i, row in enumerate(data, 1):
+        io.expect(row, dict, f"{what} {path} item {i}", "every item must be an object with the text fields")
+    return data
 
 
 def _hub_records(spec: CorpusSpec):

@@ -198,35 +198,18 @@ def record_from_dict(row: dict[str, Any], where: str) -> MCQRecord:
 
 
 def _read_rows(path: Path) -> list[Any]:
-    """Rows of a jsonl / json (a list of objects) / parquet file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                return [_json_line(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
-        if suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                rows = json.load(f)
-            if not isinstance(rows, list):
-                raise UserError(f"{path}: a .json MCQ file must hold a list of question objects; "
-                                f"use .jsonl for one object per line")
-            return rows
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
+    """Rows of a jsonl / json (a list of objects) / parquet file, read through :mod:`sequnlearn.io`."""
+    from sequnlearn import io
 
-            return pq.read_table(path).to_pylist()
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from e
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e}); check the path and its permissions") from e
+    suffix, what = path.suffix.lower(), "MCQ file"
+    if suffix == ".jsonl":
+        return io.read_jsonl(path, what, kind=None)
+    if suffix == ".json":
+        return io.expect(io.read_json(path, what), list, f"{what} {path}",
+                         "a .json MCQ file must hold a list of question objects; use .jsonl for one object per line")
+    if suffix == ".parquet":
+        return io.read_parquet(path, what)
     raise UserError(f"{path}: unknown MCQ file type {suffix or '(none)'}; use one of {', '.join(MCQ_SUFFIXES)}")
-
-
-def _json_line(line: str, path: Path, lineno: int) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); one JSON object per line") from e
 
 
 def load_mcq_file(path: str | os.PathLike) -> list[MCQRecord]:

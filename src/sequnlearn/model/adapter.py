@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -40,7 +41,9 @@ def add_lora(model: nn.Module, *, r: int, alpha: int, dropout: float, target_mod
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                      target_modules=lora_targets(model, target_modules))
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # peft asks transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def lora_dropout_train_mode(model: nn.Module) -> None:

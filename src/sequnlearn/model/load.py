@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
-from sequnlearn.errors import UserError
+from sequnlearn.errors import UserError, warn
 
+#: Model types whose positions are a learned embedding table: inputs past it cannot run at all.
+LEARNED_POSITIONS = ("gpt2", "gpt_neo", "opt", "gpt_bigcode")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,8 +56,8 @@ def load_tokenizer(source: str, revision: str | None = None):
 
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision)
-    except OSError as e:
-        raise UserError(f"cannot load a tokenizer from {source!r} ({_short(e)}); check the id or provide a local copy") from e
+    except Exception as e:  # noqa: BLE001 - OSError when absent; tokenizers' own errors when damaged
+        raise UserError(f"cannot load a tokenizer from {source!r} ({_short(e)}); check the id or provide a local copy") from None
     tok.padding_side = "right"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -84,13 +86,91 @@ def load_model(path_or_id: str, *, dtype: str = "auto", device: str = "auto", re
     if path_or_id.startswith("tiny:"):
         return _tiny(path_or_id.split(":", 1)[1], dev)
     source = model_source(path_or_id)
+    if Path(source).is_dir():
+        check_model_dir(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=resolve_dtype(dtype, dev))
     except OSError as e:
         raise UserError(f"cannot load model {source!r} ({_short(e)}); check the id, or download it and pass the local directory") from e
     architecture(model)  # fail early on an architecture we do not know
+    tokenizer = load_tokenizer(source, revision)
+    check_vocab(len(tokenizer), model.get_input_embeddings().num_embeddings, source)
     model.to(dev).eval()
-    return model, load_tokenizer(source, revision)
+    return model, tokenizer
+
+
+def check_model_dir(path: str) -> dict:
+    """Check a local model directory before loading it: config, every weight shard there and whole.
+
+    Returns:
+        Its ``config.json``.
+
+    Raises:
+        UserError: damaged config, a shard listed in the index that is missing, a truncated shard.
+    """
+    from sequnlearn import io
+
+    root = Path(path)
+    config = io.read_json(root / "config.json", "model config", kind=dict)
+    for index_name, fmt in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        if (root / index_name).exists():
+            index = io.read_json(root / index_name, "weight index", kind=dict)
+            shards = sorted(set(io.expect(index.get("weight_map"), dict, f"weight index {root / index_name}",
+                                          "download the model again").values()))
+            missing = [s for s in shards if not (root / s).is_file()]
+            if missing:
+                raise UserError(f"model directory {root} is missing weight shard {missing[0]} (listed in "
+                                f"{index_name}, {len(missing)} of {len(shards)} missing); download the model again")
+            if fmt == "safetensors":
+                for shard in shards:
+                    io.check_safetensors(root / shard)
+            return config
+    if (root / "model.safetensors").exists():
+        io.check_safetensors(root / "model.safetensors")
+    return config
+
+
+def check_vocab(tokenizer_size: int, embeddings: int, source: str) -> None:
+    """A tokenizer whose ids reach past the model's embedding table cannot run.
+
+    Raises:
+        UserError: ``tokenizer_size`` > ``embeddings``.
+    """
+    if tokenizer_size > embeddings:
+        raise UserError(f"the tokenizer of {source} has {tokenizer_size} tokens but the model only {embeddings} "
+                        "embeddings; use the tokenizer the model was trained with (or resize its embeddings)")
+
+
+def check_positions(config: dict, max_length: int, source: str) -> None:
+    """``max_length`` above the model's trained positions: an error for learned position
+    embeddings (the lookup fails), a warning for rotary/relative ones (quality drops)."""
+    n = config.get("n_positions") or config.get("max_position_embeddings")
+    if not n or max_length <= n:
+        return
+    if config.get("model_type") in LEARNED_POSITIONS:
+        raise UserError(f"max_length {max_length} is above the {n} positions model {source} was trained with "
+                        f"(learned position embeddings); set max_length to {n} or less")
+    warn(f"max_length {max_length} is above the {n} positions model {source} was trained with; "
+         "it runs, but past them the model is out of distribution")
+
+
+def inspect_model(path_or_id: str, *, max_length: int | None = None) -> None:
+    """Every check :func:`load_model` makes that needs no weights (a local model; hub ids pass).
+
+    Raises:
+        UserError: no model there, a damaged directory, a tokenizer too large, max_length too large.
+    """
+    if path_or_id.startswith("tiny:"):
+        return
+    source = model_source(path_or_id)
+    if not Path(source).is_dir():
+        return
+    config = check_model_dir(source)
+    if max_length is not None:
+        check_positions(config, max_length, source)
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if vocab:
+        check_vocab(len(load_tokenizer(source)), vocab, source)
 
 
 def _tiny(family: str, device: torch.device):

@@ -172,7 +172,7 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool) -> bo
         return False
     try:
         info = read_json(paths.world_json)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UserError):
         return False  # unreadable: treat as an unfinished build
     same = info.get("format") == WORLD_FORMAT and info.get("config") == config.to_dict()
     if same and paths.is_complete():

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from sequnlearn import io
 from sequnlearn.config import UnlearnConfig, dump_yaml
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference, tokenize
 from sequnlearn.distributed import average_gradients, micro_batches_per_process, shard_layers, use_fsdp
@@ -382,18 +383,19 @@ def make_accelerator(cfg: UnlearnConfig, run: RunDir):
     """An ``Accelerator`` for device placement, autocast, process group and trackers (not yet started)."""
     from accelerate import Accelerator
 
+    from sequnlearn.trackers import check_tracker
+
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    check_tracker(cfg.report_to)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.report_to,
                        project_dir=str(run.root))
 
 
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
     """Refuse to resume a run whose stored config differs from ``cfg``."""
-    import yaml
-
-    stored = yaml.safe_load(run.config.read_text())
+    stored = io.read_yaml(run.config, "run config")
     diff = sorted(k for k in set(stored) | set(cfg.to_dict()) if stored.get(k) != cfg.to_dict().get(k))
     if diff:
         raise UserError(f"--resume: the run in {run.root} has a different config ({', '.join(diff)}); "
@@ -407,7 +409,9 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
 
     ``on_checkpoint`` and ``on_phase_end`` are passed to :meth:`Unlearner.train`.
     """
-    from sequnlearn.model.load import load_model
+    from sequnlearn.model.load import check_positions, load_model
+    from sequnlearn.modelcard import write_model_card
+    from sequnlearn.runs import run_fingerprints
 
     if resume:
         check_resume(cfg, run)
@@ -416,26 +420,29 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
     # Everything that can fail on bad input (model, data, layers, batch sizes) runs before the
     # first file is written into the run directory.
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(acc.device), revision=cfg.revision)
+    check_positions(model.config.to_dict(), cfg.max_length, cfg.model)
     engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
     prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(acc.device))
+    prov.update(run_fingerprints(cfg, engine.data))
     if resume:
+        engine.load_checkpoint()  # a damaged checkpoint stops here, before anything is written
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if acc.is_main_process:
             remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
     prov["num_processes"] = acc.num_processes
     if acc.is_main_process:
+        run.claim()
         atomic_write_text(run.config, dump_yaml(cfg))
         write_json(run.provenance, prov)
     if cfg.report_to:
         acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
-    if resume:
-        engine.load_checkpoint()
     engine.train(on_checkpoint, on_phase_end)
     engine.save()
     if acc.is_main_process:
         prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         prov["nan_skipped"] = engine.pos.nan_skipped
         write_json(run.provenance, prov)
+        write_model_card(run)
     for tracker in acc.trackers:  # not acc.end_training(): that also ends the process group, which
         tracker.finish()          # a sweep still needs for the evaluation that follows
     return run

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from sequnlearn import io
 from sequnlearn.distributed import full_state, load_full_state
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
@@ -74,7 +75,7 @@ class RunState:
             return None  # killed before the first checkpoint: start from the beginning
         # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
         # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = io.load_torch(path, "checkpoint", keys=("adapter", "optimizer", "position", "metrics_lines"))
         if state.get("fsdp", False) != self.fsdp:
             raise UserError(f"--resume: the checkpoint in {path.parent} was written with"
                             f"{'' if state.get('fsdp') else 'out'} FSDP sharding; resume with the same sharding")

@@ -1,0 +1,151 @@
+"""``model/README.md``: a Hugging Face model card for a finished run.
+
+It says what was unlearned (corpora and their fingerprints), how (method and resolved config),
+from which base model, what the model scored (``eval.json``) and what the tampering attack found
+(``tamper_summary.json``, written by ``sequnlearn tamper``), with a warning that unlearning is not
+proven to survive fine-tuning. It is rebuilt from the run's files whenever one of them changes
+(end of ``unlearn``, ``eval``, ``tamper``, a sweep point's evaluation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sequnlearn.runs import RunDir, atomic_write_text, read_json
+
+TAGS = ["sequnlearn", "unlearning", "machine-unlearning", "lora"]
+WARNING = ("**Unlearning is not proven safe.** Accuracy at chance on a benchmark does not show that the "
+           "knowledge is gone: a short fine-tuning on related text can bring it back (see the tampering "
+           "attack below, or run `sequnlearn tamper`). Do not treat this model as safe to release because "
+           "it was unlearned.")
+
+
+def tamper_summary_path(run: RunDir) -> Path:
+    """Where ``sequnlearn tamper`` records its result for a run's model."""
+    return run.root / "tamper_summary.json"
+
+
+def _optional(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _metadata(cfg: dict) -> dict:
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)}
+    if _is_hub_id(str(cfg.get("model", ""))):
+        meta["base_model"] = cfg["model"]
+    if _is_hub_id(str(cfg.get("forget_data", ""))):
+        meta["datasets"] = [cfg["forget_data"]]
+    return meta
+
+
+def _corpus_line(kind: str, cfg: dict, prov: dict) -> str:
+    fp = (prov.get("data") or {}).get(kind)
+    where = f"`{cfg.get(f'{kind}_data')}`"
+    if cfg.get(f"{kind}_subset"):
+        where += f" (config `{cfg[f'{kind}_subset']}`)"
+    line = f"- {kind} corpus: {where}, split `{cfg.get(f'{kind}_split')}`, fields {cfg.get(f'{kind}_fields')}"
+    if fp:
+        line += (f"; {fp['documents']} documents, {fp['tokens']} tokens (token ids SHA-256 "
+                 f"`{fp['token_ids_sha256'][:16]}…`)")
+    return line
+
+
+def _method(cfg: dict) -> list[str]:
+    layers = cfg.get("layers") or list(range(cfg.get("layer_start", 0), cfg.get("layer_end", 0) - 1,
+                                             -abs(cfg.get("layer_step", 1) or 1)))
+    return [
+        f"Sequential back-to-front unlearning with sequnlearn over layers {layers} "
+        "(deepest first): for each layer L the model up to L (LoRA on) is trained so that the original "
+        "model's layers after L read out noise on the forget text "
+        f"(`{cfg.get('forget_loss')}`, coefficient {cfg.get('remove_coef')}), while a `{cfg.get('retain_loss')}` "
+        f"retain loss (coefficient {cfg.get('retain_coef')}) keeps it close to the original on the retain text. "
+        f"One LoRA adapter (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, targets "
+        f"`{cfg.get('target_modules')}`), AdamW lr {cfg.get('lr')}, {cfg.get('num_train_examples')} examples per "
+        f"layer, global batch {cfg.get('global_batch_size')}, max length {cfg.get('max_length')}; the adapter is "
+        "merged into these weights.",
+    ]
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
+
+
+def _eval_table(ev: dict) -> list[str]:
+    rows = [(name, t.get("n"), t.get("acc"), t.get("acc_stderr")) for name, t in (ev.get("tasks") or {}).items()
+            if isinstance(t, dict)]
+    if not rows:
+        rows = [(k[:-4], None, v, None) for k, v in ev.items() if k.endswith("_acc")]
+    style = ev.get("style") or ev.get("metric") or "letter"
+    lines = [f"Multiple-choice accuracy ({style} scoring, `eval.json`):", "",
+             "| task | n | acc | ± stderr |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(n)} | {_fmt(acc)} | {_fmt(se)} |" for name, n, acc, se in rows]
+    return lines
+
+
+def _tamper(t: dict) -> list[str]:
+    w = t.get("worst_case") or {}
+    lines = [f"`sequnlearn tamper` fine-tuned this model on `{t.get('data')}` for {t.get('steps')} steps "
+             f"(learning rates {t.get('lrs')}, seeds {t.get('seeds')}); the forget accuracy "
+             f"(`{t.get('forget_task')}`, chance {_fmt(t.get('chance'))}) went from {_fmt(t.get('start_acc'))} to "
+             f"at most **{_fmt(w.get('forget_acc'))}** (lr {w.get('lr')}, step {w.get('step')})."]
+    if t.get("baseline") is not None:
+        lines.append(f"Before unlearning the model scored {_fmt(t['baseline'])}.")
+    return lines + [f"Full result: `{t.get('out')}`."]
+
+
+def model_card(run: RunDir) -> str:
+    """The card of a finished run, built from its config, provenance, ``eval.json`` and tamper summary."""
+    from sequnlearn import io
+
+    cfg = io.read_yaml(run.config, "run config")
+    prov = _optional(run.provenance) or {}
+    ev, tamper = _optional(run.eval), _optional(tamper_summary_path(run))
+    src = prov.get("sequnlearn") or {}
+    body = [f"# {run.root.name}", "",
+            f"`{cfg.get('model')}` with knowledge of its forget corpus removed by sequnlearn "
+            f"{src.get('version', '')} (sequential back-to-front unlearning).", "", "> " + WARNING, "",
+            "## What was unlearned", "", _corpus_line("forget", cfg, prov), _corpus_line("retain", cfg, prov), "",
+            "## Method", "", *_method(cfg), "", "## Evaluation", "",
+            *(_eval_table(ev) if ev else ["Not evaluated yet: run `sequnlearn eval` on the run directory."]), "",
+            "## Tampering attack", "",
+            *(_tamper(tamper) if tamper else ["Not attacked yet: run `sequnlearn tamper` on the run directory."]), "",
+            "## Provenance", "",
+            f"- sequnlearn {src.get('version')} ({src.get('source')}"
+            + (f", commit `{src['git_commit']}`{' (dirty)' if src.get('git_dirty') else ''}" if src.get("git_commit") else "")
+            + ")",
+            f"- config SHA-256 `{prov.get('config_sha256')}`; run {prov.get('start_time')} → {prov.get('end_time')}",
+            "", "<details><summary>Resolved config</summary>", "", "```yaml",
+            yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", "", "</details>", ""]
+    meta = yaml.safe_dump(_metadata(cfg), sort_keys=False)
+    return f"---\n{meta}---\n\n" + "\n".join(body)
+
+
+def write_model_card(run: RunDir) -> Path | None:
+    """Write ``model/README.md`` of a finished run (atomically); ``None`` when the run is not finished."""
+    if not run.is_finished():
+        return None
+    path = run.model / "README.md"
+    atomic_write_text(path, model_card(run))
+    return path
+
+
+def record_tamper(run: RunDir, label: str, result: dict, out: Path) -> None:
+    """Keep what ``sequnlearn tamper`` found for ``run``'s model (``label`` in ``result``) and rebuild its card."""
+    from sequnlearn.runs import write_json
+    from sequnlearn.tamper import worst_case
+
+    cfg, mine = result["config"], [r for r in result["runs"] if r["model"] == label]
+    if not mine:
+        return
+    write_json(tamper_summary_path(run), {
+        "out": str(out), "data": cfg["data"], "steps": cfg["steps"], "lrs": cfg["lrs"], "seeds": cfg["seeds"],
+        "forget_task": cfg["forget_task"], "chance": result["chance"], "baseline": result["baseline"],
+        "start_acc": mine[0]["curve"][0]["forget_acc"], "worst_case": worst_case(mine)})
+    write_model_card(run)

@@ -1,0 +1,32 @@
+"""Optional experiment trackers (tensorboard, wandb), checked when a run starts.
+
+accelerate leaves out a tracker whose package is missing without a word; we stop with the
+install command instead, before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sequnlearn.errors import UserError
+
+#: tracker → (module it needs, pip extra that installs it)
+TRACKERS = {"tensorboard": ("tensorboard", "sequnlearn[tensorboard]"), "wandb": ("wandb", "sequnlearn[wandb]")}
+
+
+def check_tracker(name: str | None) -> None:
+    """Check that the package of tracker ``name`` imports (``None``: no tracker, nothing to check).
+
+    Raises:
+        UserError: unknown tracker, or its package is not installed (the message gives the command).
+    """
+    if name is None:
+        return
+    if name not in TRACKERS:
+        raise UserError(f"report_to {name!r} is not valid; use one of {', '.join(TRACKERS)}")
+    module, extra = TRACKERS[name]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"--report-to {name} needs the {module} package, which is not installed; "
+                        f"pip install '{extra}'") from None
