@@ -243,7 +243,7 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
 
     def micro_batches(phase: int, step: int):  # this step's batch instead of the engine's shuffled order
         f, r = pending[-1][1]
-        yield 0, engine._to_device(collate(f, PAD)), engine._to_device(collate(r, PAD))
+        yield 0, engine._host_batch(f), engine._host_batch(r)
 
     def same_targets(batch: dict, layer: int, gen: torch.Generator) -> torch.Tensor:
         return forget_loss(batch, layer, pending[-1][0])  # the naive's generator (one per step)

@@ -78,8 +78,9 @@ def test_reference_preset_reproduces_the_reference_codes_micro_batch(tmp_path, r
     fc, rc = coefficients(want["progress"], engine.cfg.remove_coef, engine.cfg.retain_coef)
     assert (fc, rc) == pytest.approx((want["forget_coeff"], want["retain_coeff"]))
     # The engine's own path: row groups, each padded to its own width; backward of coef × loss.
-    f = engine._backward_in_parts(fb, lambda part: engine.objective.forget_loss(part, 2, targets=targets), fc)
-    r = engine._backward_in_parts(rb, engine.objective.retain_loss, rc, by_rows=engine.objective.retain_by_rows)
+    fh, rh = engine._host_batch(engine.data.forget), engine._host_batch(engine.data.retain)
+    f = engine._backward_in_parts(fh, lambda part: engine.objective.forget_loss(part, 2, targets=targets), fc)
+    r = engine._backward_in_parts(rh, engine.objective.retain_loss, rc, by_rows=engine.objective.retain_by_rows)
     assert not queue
     assert f.item() == pytest.approx(want["forget_loss"], rel=1e-4)
     assert r.item() == pytest.approx(want["retain_loss"], rel=1e-4)
@@ -204,7 +205,8 @@ def test_padded_states_l2_equals_the_hand_computation_on_a_padded_batch(tmp_path
     engine.objective.retain_loss(batch).backward()
     whole = {n: p.grad.clone() for n, p in engine.model.named_parameters() if p.grad is not None}
     engine.model.zero_grad()
-    parts = engine._backward_in_parts(batch, engine.objective.retain_loss, 1.0, by_rows=True)
+    parts = engine._backward_in_parts(engine._host_batch(engine.data.retain[:4]), engine.objective.retain_loss, 1.0,
+                                      by_rows=True)
     assert parts.item() == pytest.approx(hand.item(), rel=1e-5)
     for name, g in whole.items():
         torch.testing.assert_close(dict(engine.model.named_parameters())[name].grad, g, rtol=1e-4, atol=1e-7)
@@ -235,8 +237,8 @@ def test_reference_data_order_selects_and_pairs_as_the_reference_code(tmp_path):
     order = torch.randperm(8, generator=torch.Generator().manual_seed(42)).tolist()
     for phase in (0, 1):
         (_, fb, rb), _ = list(engine._micro_batches(phase, 0))
-        got_f = [engine.tokenizer.decode(r[m.bool()]) for r, m in zip(fb["input_ids"], fb["attention_mask"])]
-        got_r = [engine.tokenizer.decode(r[m.bool()]) for r, m in zip(rb["input_ids"], rb["attention_mask"])]
+        got_f = [engine.tokenizer.decode(r[:n]) for r, n in zip(fb.tensors["input_ids"], fb.lengths)]
+        got_r = [engine.tokenizer.decode(r[:n]) for r, n in zip(rb.tensors["input_ids"], rb.lengths)]
         assert got_f == [forget[i] for i in order[:4]] and got_r == [retain[i] for i in order[:4]]
 
 

@@ -67,16 +67,21 @@ class Architecture:
             return self.base.drop(h)
         return self.base.embed_tokens(input_ids)
 
-    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LayerContext:
-        """Masks, positions and rotary embeddings for a right-padded ``(B, T)`` batch."""
+    def context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> LayerContext:
+        """Masks, positions and rotary embeddings for a right-padded ``(B, T)`` batch.
+
+        ``attention_mask`` None: the causal mask alone (right padding: no real token attends to a pad).
+        """
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         T = input_ids.shape[1]
         position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0)  # (1, T)
         dtype = self.head.weight.dtype
         probe = torch.empty(input_ids.shape[0], T, 1, device=input_ids.device, dtype=dtype)  # (B, T, 1)
+        # No position ids for the mask: transformers reads them only to detect packed sequences, which
+        # costs a host-device synchronisation; positions here are always 0..T-1.
         kw = dict(config=self.config, inputs_embeds=probe, attention_mask=attention_mask,
-                  past_key_values=None, position_ids=position_ids)
+                  past_key_values=None, position_ids=None)
         masks = {"full_attention": create_causal_mask(**kw)}
         if "sliding_attention" in self._attention_types():
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)

@@ -29,7 +29,7 @@ from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers
 from sequnlearn.runs import RunDir, atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
-from sequnlearn.unlearn.objective import Objective
+from sequnlearn.unlearn.objective import Objective, to_device
 from sequnlearn.unlearn.schedule import coefficients, lr_factor, micro_batch_progress, progress
 from sequnlearn.unlearn.state import Position, RunState
 
@@ -45,6 +45,14 @@ class Stream(IntEnum):
     RETAIN_ORDER = 1
     TARGETS = 7
     DROPOUT = 8
+
+
+@dataclass
+class HostBatch:
+    """A collated micro-batch: its tensors (on the device) and its rows' real lengths (on the host)."""
+
+    tensors: dict[str, torch.Tensor]
+    lengths: list[int]
 
 
 @dataclass
@@ -79,12 +87,16 @@ class Unlearner:
                                                accelerator.num_processes, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.pos = Position()
+        self._order_cache: dict = {}
 
     # ------------------------------------------------------------------ steps
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        """A fresh AdamW over the adapter (weight decay on every LoRA weight, as the HF Trainer applies it)."""
-        return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        """A fresh AdamW over the adapter (weight decay on every LoRA weight, as the HF Trainer applies it).
+
+        The fused implementation keeps its step counters out of Python (the for-each one reads each
+        parameter's step with ``.item()``, a host-device synchronisation per tensor on a GPU)."""
+        return torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=True)
 
     def lr_at(self, phase: int, phase_step: int) -> float:
         """Learning rate of optimizer step ``phase_step`` of ``phase`` (a pure function of both)."""
@@ -108,67 +120,62 @@ class Unlearner:
         return coefficients(p, cfg.remove_coef, cfg.retain_coef)
 
     def _micro_batches(self, phase: int, step: int):
-        """The (forget, retain) micro-batches of this process for optimizer step ``step`` of ``phase``."""
+        """This process's micro-batches of optimizer step ``step`` of ``phase``: ``(m, forget, retain)``,
+        each a :class:`HostBatch` whose tensors are already on the device."""
         cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
         per_epoch = len(self.data.forget) // cfg.global_batch_size
-        epoch = step // per_epoch
-        if cfg.data_order == "reference":  # the HF Trainer's seeded sampler: pairs, same order each phase
-            order_f = order_r = torch.randperm(len(self.data.forget),
-                                               generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        else:
-            order_f = torch.randperm(len(self.data.forget), generator=_order_gen(cfg.seed, Stream.FORGET_ORDER, phase, epoch))
-            order_r = torch.randperm(len(self.data.retain), generator=_order_gen(cfg.seed, Stream.RETAIN_ORDER, phase, epoch))
+        order_f, order_r = self._orders(phase, step // per_epoch)
         base = (step % per_epoch) * cfg.global_batch_size
         for m in range(self.accum):
             start = base + (m * world + rank) * cfg.per_device_batch_size
             idx = range(start, start + cfg.per_device_batch_size)
             forget = [self.data.forget[order_f[i]] for i in idx]
             retain = [self.data.retain[order_r[i % len(order_r)]] for i in idx]
-            yield m, self._to_device(collate(forget, self.data.pad_id)), self._to_device(collate(retain, self.data.pad_id))
+            yield m, self._host_batch(forget), self._host_batch(retain)
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+    def _orders(self, phase: int, epoch: int) -> tuple[list[int], list[int]]:
+        """The forget and retain example orders of an epoch of a phase (computed once, kept)."""
+        key = (phase, epoch)
+        if key not in self._order_cache:
+            cfg, n_f, n_r = self.cfg, len(self.data.forget), len(self.data.retain)
+            if cfg.data_order == "reference":  # the HF Trainer's seeded sampler: pairs, same order each phase
+                order_f = order_r = torch.randperm(n_f, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            else:
+                order_f = torch.randperm(n_f, generator=_order_gen(cfg.seed, Stream.FORGET_ORDER, phase, epoch))
+                order_r = torch.randperm(n_r, generator=_order_gen(cfg.seed, Stream.RETAIN_ORDER, phase, epoch))
+            self._order_cache = {key: (order_f.tolist(), order_r.tolist())}
+        return self._order_cache[key]
+
+    def _host_batch(self, seqs: list[list[int]]) -> "HostBatch":
+        """Collate on the host, keep the row lengths there, move the tensors to the device."""
+        batch = collate(seqs, self.data.pad_id)
+        return HostBatch({k: to_device(v, self.acc.device) for k, v in batch.items()}, [len(s) for s in seqs])
 
     def optimizer_step(self, phase: int, layer: int) -> dict:
         """One optimizer step (``accum`` micro-batches) of ``phase``; returns its metrics line.
 
         A micro-batch goes backward in parts (:meth:`_backward_in_parts`): forget, then retain,
-        a group of rows at a time, so no two graphs coexist. Its gradient is formed apart and
-        added to the step's only when both losses are finite (a skipped micro-batch adds nothing).
+        a group of rows at a time, so no two graphs coexist. Its gradient is formed apart and added
+        to the step's only where both losses are finite (a skipped micro-batch adds nothing). Nothing
+        waits for the device until the step's end: one transfer brings the logged sums, the count
+        of skipped micro-batches and the gradient norm to the host, before the optimizer steps.
         """
         cfg, pos = self.cfg, self.pos
         lr = self.lr_at(phase, pos.phase_step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        t0, tokens, f_sum, r_sum, used = time.perf_counter(), 0, 0.0, 0.0, 0
-        world = self.acc.num_processes
+        t0, tokens = time.perf_counter(), 0
+        sums = torch.zeros(6, dtype=torch.float64, device=self.acc.device)  # f, r, used, skipped, last bad f, r
         coefs = [self.coefficients_at(phase, pos.phase_step, m) for m in range(self.accum)]
         for m, fb, rb in self._micro_batches(phase, pos.phase_step):
-            fc, rc = coefs[m]
-            # Random targets and LoRA dropout are a function of the global micro-batch index, so
-            # the run is the same whatever the number of processes and wherever it resumed.
-            micro = (pos.phase_step * self.accum + m) * world + self.acc.process_index
-            gen = _gen(cfg.seed, Stream.TARGETS, phase, micro)
-            torch.manual_seed(_seed(cfg.seed, Stream.DROPOUT, phase, micro))
-            held = [p.grad for p in self.params]
-            for p in self.params:
-                p.grad = None
-            f = self._backward_in_parts(fb, lambda part: self.objective.forget_loss(part, layer, gen), fc / self.accum)
-            r = self._backward_in_parts(rb, self.objective.retain_loss, rc / self.accum,
-                                        by_rows=self.objective.retain_by_rows)
-            fresh = [p.grad for p in self.params]
-            for p, g in zip(self.params, held):
-                p.grad = g
-            if not (torch.isfinite(f) and torch.isfinite(r)):
-                self._non_finite(layer, f, r)
-                continue
-            for p, g in zip(self.params, fresh):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-            f_sum, r_sum, used = f_sum + f.item(), r_sum + r.item(), used + 1
-            tokens += int(fb["attention_mask"].sum() + rb["attention_mask"].sum())
-        grad_norm = self._sync_and_step()
-        f_sum, r_sum, used, tokens = self._across_processes(f_sum, r_sum, used, tokens)
+            f, r = self._micro_step(phase, layer, m, fb, rb, coefs[m])
+            ok = torch.isfinite(f) & torch.isfinite(r)
+            zero = sums.new_zeros(())
+            sums += torch.stack([torch.where(ok, f.double(), zero), torch.where(ok, r.double(), zero), ok.double(),
+                                 (~ok).double(), zero, zero])
+            sums[4:] = torch.where(ok, sums[4:], torch.stack([f, r]).double())
+            tokens += sum(fb.lengths) + sum(rb.lengths)
+        f_sum, r_sum, used, skipped, bad_f, bad_r, grad_norm, tokens = self._sync_and_step(sums, tokens, layer)
         dt = time.perf_counter() - t0
         return {"layer": layer, "phase": phase, "step": pos.step, "phase_step": pos.phase_step,
                 "forget_loss": _mean(f_sum, used), "retain_loss": _mean(r_sum, used),
@@ -177,57 +184,82 @@ class Unlearner:
                 "grad_norm": grad_norm, "nan_skipped": pos.nan_skipped,
                 "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
 
-    def _backward_in_parts(self, batch: dict, loss_fn: Callable[[dict], torch.Tensor], coef: float,
+    def _micro_step(self, phase: int, layer: int, m: int, fb: "HostBatch", rb: "HostBatch",
+                    coef: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of one micro-batch's forget and retain losses; its gradient is added to the
+        step's where both are finite. Returns the two losses (device scalars)."""
+        cfg, world, fc, rc = self.cfg, self.acc.num_processes, *coef
+        # Random targets and LoRA dropout are a function of the global micro-batch index, so
+        # the run is the same whatever the number of processes and wherever it resumed.
+        micro = (self.pos.phase_step * self.accum + m) * world + self.acc.process_index
+        gen = _gen(cfg.seed, Stream.TARGETS, phase, micro)
+        torch.manual_seed(_seed(cfg.seed, Stream.DROPOUT, phase, micro))
+        held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        f = self._backward_in_parts(fb, lambda part: self.objective.forget_loss(part, layer, gen), fc / self.accum)
+        r = self._backward_in_parts(rb, self.objective.retain_loss, rc / self.accum,
+                                    by_rows=self.objective.retain_by_rows)
+        ok = torch.isfinite(f) & torch.isfinite(r)
+        for p, g, h in zip(self.params, [p.grad for p in self.params], held):
+            if g is not None:
+                g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
+                g = g if h is None else h.add_(g)
+            p.grad = h if g is None else g
+        return f, r
+
+    def _backward_in_parts(self, batch: "HostBatch", loss_fn: Callable[[dict], torch.Tensor], coef: float,
                            by_rows: bool = False) -> torch.Tensor:
         """Backward ``coef`` × ``loss_fn(batch)`` one row group (:func:`_row_groups`) at a time; returns the loss.
 
         A loss that is a mean over real tokens makes the batch's loss (and gradient) the sum of the
         groups' losses weighted by their share of real tokens; one that is a mean over rows at a fixed
         padded length (``by_rows``) weights them by their share of rows. A group is padded only to its
-        own longest row and its graph is freed before the next group runs. Random targets are drawn
-        group after group from one generator, in row order: the same draws as for the whole batch.
+        own longest row, its real tokens are given as flat indices made on the host, and its graph is
+        freed before the next group runs. Random targets are drawn group after group from one
+        generator, in row order: the same draws as for the whole batch.
         """
-        lengths = batch["attention_mask"].sum(dim=1).tolist()  # (B,) real tokens per row
+        lengths = batch.lengths  # real tokens per row, known on the host
         total = sum(lengths)
         loss = torch.zeros((), device=self.acc.device)
         for start, stop in _row_groups(lengths):
             n = sum(lengths[start:stop])
             if total and not n:
                 continue  # rows without tokens add nothing (a batch without any gives NaN, as before)
-            width = max(lengths[start:stop]) if total else batch["attention_mask"].shape[1]
-            part = {k: v[start:stop, :width].contiguous() for k, v in batch.items()}
+            width = max(lengths[start:stop]) if total else batch.tensors["attention_mask"].shape[1]
+            part = {k: v[start:stop, :width].contiguous() for k, v in batch.tensors.items()}
+            index = [row * width + t for row, length in enumerate(lengths[start:stop]) for t in range(length)]
+            part["index"] = to_device(torch.tensor(index, dtype=torch.long), self.acc.device)  # (n,)
             share = (stop - start) / len(lengths) if by_rows else (n / total if total else 1.0)
             with self.acc.autocast():
                 part_loss = loss_fn(part)
-            if torch.isfinite(part_loss):
-                self.acc.backward(coef * share * part_loss)
+            self.acc.backward(coef * share * part_loss)  # a non-finite loss: the micro-batch is dropped
             loss = loss + share * part_loss.detach().float()
         return loss
 
-    def _across_processes(self, *values: float) -> list[float]:
-        """Sum logged quantities over processes (identity with one process)."""
-        if self.acc.num_processes == 1:
-            return list(values)
-        summed = self.acc.reduce(torch.tensor(values, dtype=torch.float64, device=self.acc.device), reduction="sum")
-        return summed.tolist()
-
-    def _non_finite(self, layer: int, f: torch.Tensor, r: torch.Tensor) -> None:
-        if self.cfg.on_nan == "skip":
-            self.pos.nan_skipped += 1
-            return
-        raise NonFiniteLoss(f"non-finite loss at step {self.pos.step} (layer {layer}, phase step "
-                            f"{self.pos.phase_step}): forget_loss={f.item()}, retain_loss={r.item()}; "
-                            "lower lr or the coefficients, or pass --set on_nan=skip; no model was written")
-
-    def _sync_and_step(self) -> float:
-        """Average LoRA gradients over processes, clip, step, zero; returns the pre-clip grad norm."""
+    def _sync_and_step(self, sums: torch.Tensor, tokens: int, layer: int) -> list[float]:
+        """Average LoRA gradients over processes, clip, then the step's only wait for the device: the
+        logged sums (over processes), skipped micro-batches and grad norm reach the host; a non-finite
+        loss stops here (``on_nan: stop``) before the optimizer steps. Returns ``[f_sum, r_sum, used,
+        skipped, bad_f, bad_r, grad_norm, tokens]``."""
         if not self.fsdp:  # FSDP has reduce-scattered (and averaged) them in backward
             average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        summed = torch.cat([sums, to_device(torch.tensor([0.0, float(tokens)], dtype=torch.float64), sums.device)])
+        if self.acc.num_processes > 1:
+            summed = self.acc.reduce(summed, reduction="sum")
+        summed[6] = norm.double()
+        values = summed.tolist()  # the one host-device synchronisation of the step
+        skipped = int(values[3])
+        if skipped and self.cfg.on_nan == "stop":
+            raise NonFiniteLoss(f"non-finite loss at step {self.pos.step} (layer {layer}, phase step "
+                                f"{self.pos.phase_step}): forget_loss={values[4]}, retain_loss={values[5]}; "
+                                "lower lr or the coefficients, or pass --set on_nan=skip; no model was written")
+        self.pos.nan_skipped += skipped
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return values
 
     # ------------------------------------------------------------------ loop
 

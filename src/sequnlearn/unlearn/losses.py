@@ -39,19 +39,32 @@ def max_entropy(logits: torch.Tensor) -> torch.Tensor:
     return kl.mean() / math.log(V)
 
 
+def real_tokens(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` ``(B, T, ...)`` at real tokens, in row-major order: ``(N, ...)``.
+
+    Args:
+        real: the ``(B, T)`` attention mask (1 at real tokens), or the ``(N,)`` flat indices
+            ``b·T + t`` of the real tokens. The indices select without a host-device synchronisation,
+            which boolean-mask indexing needs (it must learn N).
+    """
+    if real.dim() == 2:
+        return x[real.bool()]
+    return x.reshape(-1, *x.shape[2:]).index_select(0, real)
+
+
 def l2_retain(current: list[torch.Tensor], original: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Mean over layers of the mean per-token L2 norm of (current − original), pad excluded.
 
     Args:
         current: per layer ``(B, T, D)`` outputs of the model being trained.
         original: per layer ``(B, T, D)`` outputs of the original model (no grad).
-        mask: ``(B, T)`` attention mask, 1 at real tokens.
+        mask: the real tokens: ``(B, T)`` attention mask or ``(N,)`` flat indices (:func:`real_tokens`).
 
     Returns:
         Scalar loss.
     """
-    real = mask.bool()
-    per_layer = [(c[real].float() - o[real].float()).norm(dim=-1).mean() for c, o in zip(current, original)]
+    per_layer = [(real_tokens(c, mask).float() - real_tokens(o, mask).float()).norm(dim=-1).mean()
+                 for c, o in zip(current, original)]
     return torch.stack(per_layer).mean()
 
 
@@ -65,15 +78,15 @@ def l2_retain_padded(current: list[torch.Tensor], original: list[torch.Tensor], 
     Args:
         current: per state ``(B, T, D)`` hidden states of the model being trained (``T ≤ padded_length``).
         original: the same states of the original model (no grad).
-        mask: ``(B, T)`` attention mask, 1 at real tokens.
+        mask: the real tokens: ``(B, T)`` attention mask or ``(N,)`` flat indices (:func:`real_tokens`).
         padded_length: the length every row counts as (the reference padded to ``max_length``).
 
     Returns:
         Scalar loss.
     """
-    real = mask.bool()
-    total = sum((c[real].float() - o[real].float()).norm(dim=-1).sum() for c, o in zip(current, original))
-    return total / (len(current) * mask.shape[0] * padded_length)
+    total = sum((real_tokens(c, mask).float() - real_tokens(o, mask).float()).norm(dim=-1).sum()
+                for c, o in zip(current, original))
+    return total / (len(current) * current[0].shape[0] * padded_length)
 
 
 def kl_retain(current_logits: torch.Tensor, original_logits: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,23 @@ from sequnlearn.model.layers import Architecture, check_layers, hidden_after, ru
 from sequnlearn.unlearn import losses
 
 
+def _real(batch: dict) -> torch.Tensor:
+    """The real tokens of a right-padded batch: its ``index`` (flat, from the host) or its attention mask.
+
+    No padding mask reaches the layers: with right padding and a causal mask a real token attends only
+    to real tokens, so the real tokens' states are those of the padded forward (the reference code
+    passes ``attention_mask=None`` as well); pad positions are never read.
+    """
+    return batch["index"] if "index" in batch else batch["attention_mask"]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without waiting for the device (pinned, non-blocking on a GPU)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Objective:
     """The losses of ``cfg`` on batches of the model behind ``arch``.
 
@@ -47,20 +64,23 @@ class Objective:
         (``losses.*_from_hidden``), never the whole ``(N, V)`` at once.
 
         Args:
+            batch: ``input_ids`` and ``attention_mask`` ``(B, T)``, right-padded, and optionally
+                ``index``: the ``(N,)`` flat indices of the real tokens (:func:`losses.real_tokens`).
             gen: draws the random targets uniformly, one per real token in row order.
             targets: instead of ``gen``, gives the ``(N,)`` targets of the batch's N real tokens
                 (e.g. the reference code's own draw, taken at the real tokens).
         """
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        ids, real = batch["input_ids"], _real(batch)  # (B, T), (N,)
         cut = layer if self.cfg.forget_boundary == "output" else layer - 1  # last layer the current model runs
-        h, ctx = hidden_after(self.arch, ids, mask, cut, adapter=True, checkpoint=self.checkpointing)
+        h, ctx = hidden_after(self.arch, ids, None, cut, adapter=True, checkpoint=self.checkpointing)
         h = run_layers(self.arch, h, ctx, cut + 1, self.arch.num_layers, adapter=False,
-                       checkpoint=self.checkpointing)[mask.bool()]  # (N, D): only real tokens reach the head
+                       checkpoint=self.checkpointing)
+        h = losses.real_tokens(h, real)  # (N, D): only real tokens reach the head
         head = losses.linear_head(self.arch.head)
         vocab = self.arch.head.weight.shape[0]
         if self.cfg.forget_loss == "random_ce":
             drawn = targets(h.shape[0]) if targets else torch.randint(vocab, (h.shape[0],), generator=gen)
-            targets = drawn.to(h.device)  # (N,)
+            targets = to_device(drawn, h.device)  # (N,)
         if head is None:  # e.g. an adapter on the head itself: the plain logits
             logits = self.arch.logits(h)  # (N, V)
             if self.cfg.forget_loss == "max_entropy":
@@ -79,38 +99,38 @@ class Objective:
         the deepest retain layer; for KL with a plain frozen head the logits are formed a chunk of
         tokens at a time inside the loss (never both models' full ``(N, V)`` logits).
         """
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+        ids, real = batch["input_ids"], _real(batch)  # (B, T), (N,)
         if self.cfg.retain_loss == "l2" and self.cfg.l2_reduction == "padded_states":
-            return self._l2_padded_states(ids, mask)
-        real = mask.bool()
+            return self._l2_padded_states(ids, real)
         kl = self.cfg.retain_loss == "kl"
         last = self.arch.num_layers - 1 if kl else max(self.retain_layers)
         head = losses.linear_head(self.arch.head) if kl else None
         original: list[torch.Tensor] | None = None if kl else []
         with torch.no_grad() if self.fsdp else torch.inference_mode():
-            h_orig, _ = hidden_after(self.arch, ids, mask, last, adapter=False, capture=original)
+            h_orig, _ = hidden_after(self.arch, ids, None, last, adapter=False, capture=original)
             if kl:  # (N, D) final-norm outputs for the fused loss, else (N, V) logits
-                h_orig = self.arch.norm(h_orig[real]) if head else self.arch.logits(h_orig[real])
+                h_orig = losses.real_tokens(h_orig, real)
+                h_orig = self.arch.norm(h_orig) if head else self.arch.logits(h_orig)
         current: list[torch.Tensor] | None = None if kl else []
-        h_cur, _ = hidden_after(self.arch, ids, mask, last, adapter=True, checkpoint=self.checkpointing,
+        h_cur, _ = hidden_after(self.arch, ids, None, last, adapter=True, checkpoint=self.checkpointing,
                                 capture=current)
         if kl and head:
-            return losses.kl_retain_from_hidden(self.arch.norm(h_cur[real]), h_orig, *head)
+            return losses.kl_retain_from_hidden(self.arch.norm(losses.real_tokens(h_cur, real)), h_orig, *head)
         if kl:
-            return losses.kl_retain(self.arch.logits(h_cur[real]), h_orig)
+            return losses.kl_retain(self.arch.logits(losses.real_tokens(h_cur, real)), h_orig)
         keep = self.retain_layers
-        return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], mask)
+        return losses.l2_retain([current[i] for i in keep], [original[i] for i in keep], real)
 
-    def _l2_padded_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _l2_padded_states(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """The reference code's L2 over the N+1 ``output_hidden_states`` (see :func:`losses.l2_retain_padded`)."""
         with torch.no_grad() if self.fsdp else torch.inference_mode():
-            original = self._hidden_states(ids, mask, adapter=False)
-        current = self._hidden_states(ids, mask, adapter=True)
-        return losses.l2_retain_padded(current, original, mask, self.cfg.max_length)
+            original = self._hidden_states(ids, adapter=False)
+        current = self._hidden_states(ids, adapter=True)
+        return losses.l2_retain_padded(current, original, real, self.cfg.max_length)
 
-    def _hidden_states(self, ids: torch.Tensor, mask: torch.Tensor, *, adapter: bool) -> list[torch.Tensor]:
+    def _hidden_states(self, ids: torch.Tensor, *, adapter: bool) -> list[torch.Tensor]:
         """What HF's ``output_hidden_states`` holds: embeddings, outputs of layers 0..N-2, final-norm output."""
-        ctx = self.arch.context(ids, mask)
+        ctx = self.arch.context(ids, None)
         emb = self.arch.embed(ids, ctx)  # (B, T, D)
         outs: list[torch.Tensor] = []
         last = run_layers(self.arch, emb, ctx, 0, self.arch.num_layers, adapter=adapter,
