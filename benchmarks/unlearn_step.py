@@ -226,17 +226,17 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
     shuffled micro-batch order (by the step's batch) and its random-target generator (by the
     naive's). ``optimizer_step`` itself, with the losses, backward, clip and AdamW, runs unchanged.
     """
-    from accelerate import Accelerator
+    from sequnlearn.distributed import Process
 
     from sequnlearn.data.corpora import collate
     from sequnlearn.runs import RunDir
     from sequnlearn.unlearn.engine import Batches, Unlearner
 
-    acc = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no")
+    proc = Process(device=device)  # mixed_precision auto: bf16 autocast on a GPU, none on the CPU
     data = Batches([q for f, _ in batches for q in f], [q for _, r in batches for q in r], PAD)
     torch.manual_seed(s.seed)
     run = RunDir(Path(tempfile.gettempdir()) / "unused")  # optimizer_step writes nothing there
-    engine = Unlearner(unlearn_config(s), model, None, data, run, acc)
+    engine = Unlearner(unlearn_config(s), model, None, data, run, proc)
     perturb_lora(engine.model, s.seed)
     pending: list[tuple[torch.Generator, Batch]] = []
     forget_loss = engine.objective.forget_loss

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+from sequnlearn.distributed import Process
 
 from sequnlearn.config import load_config
 from sequnlearn.data.corpora import collate
@@ -20,7 +20,7 @@ def make_engine(tmp_path: Path, family="gpt_neox", **overrides) -> Unlearner:
     cfg = load_config(preset="tiny", overrides=sets)
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    engine = Unlearner(cfg, tiny_model(family), tok, load_batches(cfg, tok), RunDir(tmp_path), Accelerator(cpu=True))
+    engine = Unlearner(cfg, tiny_model(family), tok, load_batches(cfg, tok), RunDir(tmp_path), Process())
     for name, p in engine.model.named_parameters():  # a non-trivial adapter (LoRA B starts at zero)
         if "lora_B" in name:
             p.data.normal_(0, 0.2)

@@ -76,13 +76,20 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
 
 
 def test_a_nan_loss_stops_the_run_and_writes_no_model(tmp_path, monkeypatch):
-    real = engine_mod.Unlearner.forget_loss
+    from sequnlearn.unlearn.objective import Objective
 
-    def poisoned(self, batch, layer, gen):
-        loss = real(self, batch, layer, gen)
-        return loss * float("nan") if self.pos.step == 2 else loss
+    real, real_step, now = Objective.forget_loss, engine_mod.Unlearner.optimizer_step, {}
 
-    monkeypatch.setattr(engine_mod.Unlearner, "forget_loss", poisoned)
+    def step(self, phase, layer):
+        now["step"] = self.pos.step
+        return real_step(self, phase, layer)
+
+    def poisoned(self, batch, layer, gen=None, targets=None):
+        loss = real(self, batch, layer, gen, targets)
+        return loss * float("nan") if now["step"] == 2 else loss
+
+    monkeypatch.setattr(engine_mod.Unlearner, "optimizer_step", step)
+    monkeypatch.setattr(Objective, "forget_loss", poisoned)
     run = RunDir(prepare_out_dir(tmp_path / "nan"))
     with pytest.raises(UserError, match=r"non-finite loss at step 2 \(layer 2, phase step 0\): forget_loss=nan"):
         unlearn(load_config(preset="tiny"), run)

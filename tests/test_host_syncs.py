@@ -9,7 +9,7 @@ import collections
 
 import pytest
 import torch
-from accelerate import Accelerator
+from sequnlearn.distributed import Process
 from torch.overrides import TorchFunctionMode
 
 from sequnlearn.config import load_config
@@ -51,7 +51,7 @@ def test_an_optimizer_step_synchronises_at_most_once(tmp_path, overrides):
     cfg = load_config(preset="tiny", overrides=overrides)
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    engine = Unlearner(cfg, tiny_model("gpt_neox"), tok, load_batches(cfg, tok), RunDir(tmp_path), Accelerator(cpu=True))
+    engine = Unlearner(cfg, tiny_model("gpt_neox"), tok, load_batches(cfg, tok), RunDir(tmp_path), Process())
     engine.optimizer_step(0, 3)  # the first step builds the optimizer state
     with SyncCounter() as c:
         line = engine.optimizer_step(0, 3)

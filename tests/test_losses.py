@@ -7,7 +7,8 @@ import torch
 
 from sequnlearn.errors import UserError
 from sequnlearn.unlearn import losses
-from sequnlearn.unlearn.schedule import coefficients, layer_order, progress
+from sequnlearn.config import layer_order
+from sequnlearn.unlearn.schedule import coefficients, progress
 
 
 def test_random_target_ce_hand_computed():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
+from sequnlearn.distributed import Process
 
 from sequnlearn.config import load_config
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts_as_reference, tokenize
@@ -45,7 +45,7 @@ def oracle_engine(tmp_path: Path, retain_loss: str, **extra) -> Unlearner:
     model, tok = load_model(cfg.model, dtype="fp32", device="cpu")
     batches = Batches(tokenize(_rows("forget.jsonl"), tok, 128), tokenize(_rows("retain.jsonl"), tok, 128),
                       tok.pad_token_id)
-    engine = Unlearner(cfg, model, tok, batches, RunDir(tmp_path), Accelerator(cpu=True))
+    engine = Unlearner(cfg, model, tok, batches, RunDir(tmp_path), Process())
     result = set_peft_model_state_dict(engine.model, load_file(ORACLE / "adapter.safetensors"))
     assert not [k for k in result.unexpected_keys if "lora" in k]
     return engine
@@ -107,7 +107,7 @@ def tiny_engine(tmp_path: Path, family="gpt_neox", **overrides) -> Unlearner:
     cfg = load_config(preset="tiny", overrides=[f"{k}={v}" for k, v in overrides.items()])
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    engine = Unlearner(cfg, tiny_model(family), tok, load_batches(cfg, tok), RunDir(tmp_path), Accelerator(cpu=True))
+    engine = Unlearner(cfg, tiny_model(family), tok, load_batches(cfg, tok), RunDir(tmp_path), Process())
     for name, p in engine.model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.2)

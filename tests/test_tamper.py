@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sequnlearn.config import TamperConfig, load_config
+from sequnlearn.distributed import Process
 from sequnlearn.data.mcq import load_task
 from sequnlearn.errors import UserError
 from sequnlearn.eval import evaluate
@@ -127,9 +128,9 @@ def test_one_epoch_with_linear_decay_and_clipping(monkeypatch):
     seen = []
     real_step = tm._train_step
 
-    def spy(model, opt, chunks, order, step, cfg, accum, lr, device, sharded=False):
+    def spy(model, opt, chunks, order, step, cfg, accum, lr, proc, sharded=False):
         seen.append(lr)
-        return real_step(model, opt, chunks, order, step, cfg, accum, lr, device, sharded)
+        return real_step(model, opt, chunks, order, step, cfg, accum, lr, proc, sharded)
 
     monkeypatch.setattr(tm, "_train_step", spy)
     cfg = small_cfg(steps=None, chunking="document", max_chunks_per_doc=1, lr_schedule="linear", max_grad_norm=1.0,
@@ -150,7 +151,7 @@ def _big_weights_unchanged(dtype: torch.dtype, mixed: str) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0))
     for step in range(3):
-        tm._train_step(model, opt, chunks, order, step, cfg, 2, 2e-5, torch.device("cpu"))
+        tm._train_step(model, opt, chunks, order, step, cfg, 2, 2e-5, Process())
     big = [(b.abs() > 1e-2) for b in before]
     same = sum(((p.detach() == b) & m).sum().item() for p, b, m in zip(model.parameters(), before, big))
     return same / sum(m.sum().item() for m in big)

@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _end_process_group() -> None:
     """Under ``accelerate launch``/``torchrun``: leave the process group once the command is done."""
-    import torch.distributed as dist
+    from sequnlearn.distributed import Process
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    Process.current().end()
 
 
 # ---------------------------------------------------------------- unlearn
@@ -101,18 +100,18 @@ def cmd_unlearn(args) -> None:
     if args.on_nan:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
-    state = _processes()
-    _check_out_on_main(state, args.out, resume=args.resume, overwrite=args.overwrite)
+    proc = _processes()
+    _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite)
     run = RunDir(Path(args.out), overwrite=args.overwrite and not args.resume)  # created at its first file
     from sequnlearn.unlearn.engine import unlearn
 
     try:
-        unlearn(cfg, run, resume=args.resume)
+        unlearn(cfg, run, resume=args.resume, proc=proc)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume",
               file=sys.stderr)
         sys.exit(130)
-    if state.is_main_process:
+    if proc.is_main:
         print(f"unlearned model: {run.model}")
 
 
@@ -214,14 +213,14 @@ def cmd_tamper(args) -> None:
     sources = {_label(m): model_source(m) for m in args.models}
     for src in sources.values():
         inspect_model(src, max_length=cfg.max_length)
-    state = _processes()  # under `accelerate launch`: one slice of each batch per process
+    proc = _processes()  # under `accelerate launch`: one slice of each batch per process
     out = Path(args.out)
-    _check_out_on_main(state, args.out, overwrite=args.overwrite)  # files replace their old copies
-    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
+    _check_out_on_main(proc, args.out, overwrite=args.overwrite)  # files replace their old copies
+    device = str(proc.device) if args.device == "auto" and proc.world > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
-    result = tamper(loaders, cfg, out, baseline=args.baseline)
-    if not state.is_main_process:
+    result = tamper(loaders, cfg, out, baseline=args.baseline, proc=proc)
+    if not proc.is_main:
         return
     _record_tamper(args.models, result, out)
     print((out / "tamper.md").read_text(), end="")
@@ -367,12 +366,12 @@ def cmd_sweep(args) -> None:
     from sequnlearn.sweep import check_inputs
 
     check_inputs(sweep)  # model and evaluation data, before the first point writes anything
-    state = _processes()  # under `accelerate launch`: the process group, before any point
+    proc = _processes()  # under `accelerate launch`: the process group, before any point
     for i in [args.only] if args.only is not None else range(len(points)):
-        run_point(sweep, i, out)
+        run_point(sweep, i, out, proc)
     if args.only is None:
-        run_baseline(sweep, out)
-        if state.is_main_process:
+        run_baseline(sweep, out, proc)
+        if proc.is_main:
             print(f"sweep {sweep.name} done; make the tables with: sequnlearn report {out}")
 
 
@@ -414,23 +413,17 @@ def cmd_tasks_path(args) -> None:
 
 
 def _processes():
-    """The process state (one process, or all of an ``accelerate launch``/``torchrun``); starts the group."""
-    from accelerate import PartialState
+    """This process (one, or one of an ``accelerate launch``/``torchrun``); joins the group."""
+    from sequnlearn.distributed import Process
 
-    return PartialState(cpu=not _cuda())
+    return Process.start()
 
 
-def _check_out_on_main(state, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
+def _check_out_on_main(proc, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
     """Only the main process checks ``--out`` (creating nothing: it appears with its first file); the
     others wait for it."""
     from sequnlearn.runs import check_out_dir
 
-    if state.is_main_process:
+    if proc.is_main:
         check_out_dir(out, resume=resume, overwrite=overwrite)
-    state.wait_for_everyone()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    proc.barrier()

@@ -186,8 +186,6 @@ class UnlearnConfig:
 
     def target_layers(self) -> list[int]:
         """The target layers, back to front."""
-        from sequnlearn.unlearn.schedule import layer_order
-
         if self.layers is not None:
             return list(self.layers)
         return layer_order(self.layer_start, self.layer_end, self.layer_step)
@@ -317,6 +315,19 @@ class TamperConfig:
         if self.batch_size % self.per_device_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
                             f"{self.per_device_batch_size}; change one of them")
+
+
+def layer_order(start: int, end: int, step: int) -> list[int]:
+    """Target layers from ``start`` down to ``end`` inclusive (28, 16, 4 → [28, 24, 20, 16]).
+
+    Raises:
+        UserError: ``step`` is not positive or ``start < end`` (not back-to-front).
+    """
+    if step <= 0:
+        raise UserError(f"layer_step must be positive (got {step}); layers run from layer_start down to layer_end")
+    if start < end:
+        raise UserError(f"layer_start {start} < layer_end {end}: unlearning runs back to front; swap them")
+    return list(range(start, end - 1, -step))
 
 
 def _choice(name: str, value, allowed: tuple) -> None:

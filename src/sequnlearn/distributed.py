@@ -11,6 +11,7 @@ outcome, or its failure, to every process. With one process each helper is the i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import torch
@@ -19,6 +20,84 @@ import torch.distributed as dist
 from sequnlearn.errors import UserError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process of a command: rank, number of processes, device, and what they share.
+
+    Built once where a command starts (:meth:`start`) and passed down: the engine, the attack, the
+    sweep and the evaluation ask it, never ``torch.distributed`` or accelerate themselves. With one
+    process every collective is the identity.
+    """
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def start(cls, device: str = "auto") -> "Process":
+        """Join the process group of ``accelerate launch`` / ``torchrun`` (made on first use; gloo on
+        CPUs, NCCL on GPUs), or a single process. ``device``: auto (this process's GPU, else the CPU)."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        dev = state.device if device == "auto" else torch.device(device)
+        return cls(state.process_index, state.num_processes, dev)
+
+    @classmethod
+    def current(cls, device: torch.device | str = "cpu") -> "Process":
+        """The process as the existing process group (if any) says, on ``device``."""
+        rank, world = rank_and_world()
+        return cls(rank, world, torch.device(device))
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is the main process (the one that writes files)."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+        barrier()
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over processes (in place)."""
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Each value's mean over processes (float64)."""
+        return mean_over_processes(values, self.device)
+
+    def average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Each gradient replaced by its mean over processes (see :func:`average_gradients`)."""
+        average_gradients(params)
+
+    def on_main(self, fn: Callable[[], T], *, everywhere: bool = False) -> T:
+        """``fn`` on the main process, its outcome on all (see :func:`on_main`)."""
+        return on_main(fn, everywhere=everywhere)
+
+    def micro_batches(self, global_batch: int, per_device: int, what: str) -> int:
+        """Accumulation steps of this process (see :func:`micro_batches_per_process`)."""
+        return micro_batches_per_process(global_batch, per_device, self.world, what)
+
+    def use_fsdp(self, sharding: str) -> bool:
+        """Whether to shard with FSDP2 (see :func:`use_fsdp`)."""
+        return self.world > 1 and use_fsdp(sharding)
+
+    def shard_layers(self, layers: Iterable[torch.nn.Module]):
+        """FSDP2-shard the decoder layers (see :func:`shard_layers`)."""
+        return shard_layers(layers, self.device)
+
+    def shard_model(self, model: torch.nn.Module, layers: Iterable[torch.nn.Module]) -> None:
+        """FSDP2-shard a model for plain ``model(...)`` calls (see :func:`shard_model`)."""
+        shard_model(model, layers, self.device)
+
+    def end(self) -> None:
+        """Leave the process group (at the end of a command)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:

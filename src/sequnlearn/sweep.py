@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sequnlearn.config import PRESET_DIR, UnlearnConfig, build, preset_dict, read_yaml
-from sequnlearn.distributed import barrier, is_main, on_main
+from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, write_json
 
@@ -164,7 +164,7 @@ def check_inputs(sweep: Sweep) -> None:
         inspect_model(model, max_length=max_length)
 
 
-def run_point(sweep: Sweep, index: int, out: Path) -> Path:
+def run_point(sweep: Sweep, index: int, out: Path, proc: Process | None = None) -> Path:
     """Unlearn and evaluate point ``index`` into its run directory (skip if done, resume if started).
 
     Under ``accelerate launch`` every process unlearns (the engine splits each global batch); the
@@ -172,9 +172,10 @@ def run_point(sweep: Sweep, index: int, out: Path) -> Path:
     """
     from sequnlearn.unlearn.engine import unlearn
 
+    proc = proc or Process.start()
     point = sweep.points()[index]
     run = RunDir(out / sweep.point_name(point))
-    main = is_main()
+    main = proc.is_main
     if run.eval.exists():
         _say(main, f"[sweep] {run.root.name}: done, skipped")
         return run.root
@@ -182,29 +183,30 @@ def run_point(sweep: Sweep, index: int, out: Path) -> Path:
     _say(main, f"[sweep] {index + 1}/{len(sweep.points())} {run.root.name}")
     if not run.is_finished():
         resume = run.is_run()
-        barrier()  # every process has looked before the run directory appears (with its first file)
-        unlearn(cfg, run, resume=resume)
-    result = on_main(lambda: evaluate_model(str(run.model), sweep.eval))
+        proc.barrier()  # every process has looked before the run directory appears (with its first file)
+        unlearn(cfg, run, resume=resume, proc=proc)
+    result = proc.on_main(lambda: evaluate_model(str(run.model), sweep.eval))
     if main:
         from sequnlearn.modelcard import write_model_card
 
         write_json(run.eval, {"point": point, **result})
         write_model_card(run)
-    barrier()
+    proc.barrier()
     return run.root
 
 
-def run_baseline(sweep: Sweep, out: Path) -> Path:
+def run_baseline(sweep: Sweep, out: Path, proc: Process | None = None) -> Path:
     """Evaluate the base model once into ``OUT/baseline/eval.json`` (on the main process)."""
+    proc = proc or Process.start()
     run = RunDir(out / "baseline")
-    main = is_main()
+    main = proc.is_main
     if not run.eval.exists():
         model = sweep.config(sweep.points()[0]).model
         _say(main, f"[sweep] baseline: {model}")
-        result = on_main(lambda: evaluate_model(model, sweep.eval))
+        result = proc.on_main(lambda: evaluate_model(model, sweep.eval))
         if main:
             write_json(run.eval, {"baseline": True, "model": model, **result})
-        barrier()
+        proc.barrier()
     return run.root
 
 

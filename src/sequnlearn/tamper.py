@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +26,7 @@ import torch
 
 from sequnlearn.config import TamperConfig
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference
-from sequnlearn.distributed import (average_gradients, is_main, mean_over_processes, micro_batches_per_process,
-                                    on_main, rank_and_world, shard_model, use_fsdp)
+from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.runs import write_json
 from sequnlearn.unlearn.schedule import lr_factor
@@ -108,11 +107,11 @@ def _trainable(model, cfg: TamperConfig):
     return add_lora(model, r=cfg.lora_r, alpha=cfg.lora_r, dropout=0.0, target_modules=cfg.lora_targets)
 
 
-def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict, sharded: bool = False) -> dict:
+def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict, proc: Process, sharded: bool = False) -> dict:
     """Forget (and retain) accuracy of the model in memory, computed on the main process (on every
     process in step when the model is sharded) and handed to all; an evaluation error stops the
     attack on every process."""
-    return on_main(lambda: _evaluate_here(model, tokenizer, cfg, tasks), everywhere=sharded)
+    return proc.on_main(lambda: _evaluate_here(model, tokenizer, cfg, tasks), everywhere=sharded)
 
 
 def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
@@ -131,7 +130,7 @@ def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
 
 
 def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict, texts: list[str],
-           progress: bool = True) -> list[dict]:
+           progress: bool = True, proc: Process | None = None) -> list[dict]:
     """One attack: fine-tune fresh weights for ``cfg.steps`` steps, evaluating every ``eval_every``.
 
     Returns:
@@ -145,30 +144,31 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     chunks = make_chunks(texts, tokenizer, cfg)
     steps = attack_steps(cfg, len(chunks))
     model = _trainable(model, cfg)
-    sharded = use_fsdp(cfg.sharding)
+    proc = replace(proc or Process.current(), device=device)  # on the model's device
+    sharded = proc.use_fsdp(cfg.sharding)
     if sharded:
         from sequnlearn.model.layers import architecture
 
-        shard_model(model, architecture(model).layers, device)
+        proc.shard_model(model, architecture(model).layers)
     if cfg.gradient_checkpointing or (cfg.gradient_checkpointing is None and device.type == "cuda"):
         model.gradient_checkpointing_enable()
     opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad], lr)
     # The HF Trainer's seeded sampler gives this same order for its first epoch.
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
-    accum = micro_batches_per_process(cfg.batch_size, cfg.per_device_batch_size, rank_and_world()[1], "batch_size")
-    progress = progress and is_main()
-    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": None}]
+    accum = proc.micro_batches(cfg.batch_size, cfg.per_device_batch_size, "batch_size")
+    progress = progress and proc.is_main
+    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": None}]
     bar = tqdm(range(1, steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
         step_lr = lr * lr_factor(cfg.lr_schedule, step - 1, steps, cfg.warmup_steps)
-        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, step_lr, device, sharded)
+        loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, step_lr, proc, sharded)
         bar.set_postfix(loss=f"{loss:.3f}", forget=f"{curve[-1]['forget_acc']:.3f}")
         if step % cfg.eval_every == 0 or step == steps:
-            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, sharded), "train_loss": loss})
+            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": loss})
     return curve
 
 
-def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, device,
+def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, proc: Process,
                 sharded: bool = False) -> float:
     """One optimizer step of causal-LM loss over ``cfg.batch_size`` chunks (this process's
     ``accum`` micro-batches of them); returns the mean loss over the global batch.
@@ -179,7 +179,7 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
         group["lr"] = lr
     model.train()
     total = 0.0
-    rank, world = rank_and_world()
+    rank, world, device = proc.rank, proc.world, proc.device
     bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     for m in range(accum):
         start = step * cfg.batch_size + (m * world + rank) * cfg.per_device_batch_size
@@ -191,12 +191,12 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
         total += loss.item() / accum
         if math.isfinite(total):
             (loss / accum).backward()
-    (total,) = mean_over_processes([total], device)  # a non-finite loss on any process reaches all
+    (total,) = proc.mean([total])  # a non-finite loss on any process reaches all
     if not math.isfinite(total):
         raise UserError(f"the attack's training loss is {total} at step {step + 1}; lower the learning rate")
     params = [p for group in opt.param_groups for p in group["params"]]
     if not sharded:  # FSDP has reduce-scattered (and averaged) them in backward
-        average_gradients(params)
+        proc.average_gradients(params)
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()
@@ -225,7 +225,7 @@ def worst_case(runs: list[dict]) -> dict:
 
 
 def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline: float | None = None,
-           progress: bool = True) -> dict:
+           progress: bool = True, proc: Process | None = None) -> dict:
     """Attack each model with every (lr, seed); write ``tamper.json``, ``tamper.png``, ``tamper.md``.
 
     Args:
@@ -242,13 +242,14 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
     texts = load_attack_texts(cfg)
-    main = is_main()
+    proc = proc or Process.current()
+    main = proc.is_main
     t0, runs = time.time(), []
     result = {"config": asdict(cfg), "baseline": baseline, "chance": _chance(tasks["forget"]), "runs": runs}
     for label, load in models.items():
         for lr in cfg.lrs:
             for seed in cfg.seeds:
-                curve = attack(load, cfg, lr=lr, seed=seed, tasks=tasks, texts=texts, progress=progress)
+                curve = attack(load, cfg, lr=lr, seed=seed, tasks=tasks, texts=texts, progress=progress, proc=proc)
                 runs.append({"model": label, "lr": lr, "seed": seed, "curve": curve})
                 result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
                 if main:

@@ -30,3 +30,20 @@ def check_tracker(name: str | None) -> None:
     except ImportError:
         raise UserError(f"--report-to {name} needs the {module} package, which is not installed; "
                         f"pip install '{extra}'") from None
+
+
+def open_tracker(name: str, run_name: str, logging_dir, config: dict):
+    """Start tracker ``name`` for a run (main process only) and store its config.
+
+    Returns:
+        An accelerate tracker: ``log(values, step)`` and ``finish()``. Tensorboard writes its events
+        under ``logging_dir/run_name``.
+    """
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    check_tracker(name)
+    cls = LOGGER_TYPE_TO_CLASS[name]
+    tracker = cls(run_name, str(logging_dir)) if cls.requires_logging_directory else cls(run_name)
+    tracker.start()
+    tracker.store_init_configuration(config)
+    return tracker

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 from torch import nn
 
@@ -52,11 +51,6 @@ def lora_dropout_train_mode(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if "lora_dropout" in name:
             module.train()
-
-
-def save_adapter(peft_model, path: Path) -> None:
-    """Save the adapter in peft format (``adapter_config.json`` + safetensors)."""
-    peft_model.save_pretrained(str(path))
 
 
 def merge_adapter(peft_model):

@@ -24,7 +24,7 @@ import torch
 from sequnlearn import io
 from sequnlearn.config import UnlearnConfig, dump_yaml
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference, tokenize
-from sequnlearn.distributed import average_gradients, micro_batches_per_process, shard_layers, use_fsdp
+from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers
@@ -67,24 +67,26 @@ class Batches:
 class Unlearner:
     """Runs the phases of one config on one model; see the module docstring."""
 
-    def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, accelerator):
-        self.cfg, self.tokenizer, self.data, self.run, self.acc = cfg, tokenizer, batches, run, accelerator
+    def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, proc: Process | None = None,
+                 tracker=None):
+        proc = proc or Process()
+        self.cfg, self.tokenizer, self.data, self.run, self.proc, self.tracker = cfg, tokenizer, batches, run, proc, tracker
         self.layers = cfg.target_layers()
         self.model = self._with_adapter(model)
         lora.lora_dropout_train_mode(self.model)
         self.arch: Architecture = architecture(self.model)
         check_layers(self.arch, self.layers)
-        self.fsdp = use_fsdp(cfg.sharding)
+        self.fsdp = proc.use_fsdp(cfg.sharding)
         checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
-                         else accelerator.device.type == "cuda")
+                         else proc.device.type == "cuda")
         self.objective = Objective(cfg, self.arch, checkpointing=checkpointing, sharded=self.fsdp)
-        self.state = RunState(run, accelerator, sharded=self.fsdp)
+        self.state = RunState(run, proc, sharded=self.fsdp)
         if self.fsdp:
-            shard_layers(self.arch.layers, accelerator.device)
+            proc.shard_layers(self.arch.layers)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = self._new_optimizer()
-        self.accum = micro_batches_per_process(cfg.global_batch_size, cfg.per_device_batch_size,
-                                               accelerator.num_processes, "global_batch_size")
+        self.accum = proc.micro_batches(cfg.global_batch_size, cfg.per_device_batch_size, "global_batch_size")
+        self.autocast = _autocast_dtype(cfg.mixed_precision, proc.device)
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.pos = Position()
         self._order_cache: dict = {}
@@ -111,7 +113,7 @@ class Unlearner:
         """``(forget_coef, retain_coef)`` of this process's micro-batch ``micro`` of optimizer step ``phase_step``."""
         cfg = self.cfg
         if cfg.ramp_unit == "micro_batch":  # the reference code: a counter of this process's micro-batches
-            per_epoch = len(self.data.forget) / (cfg.per_device_batch_size * self.acc.num_processes)
+            per_epoch = len(self.data.forget) / (cfg.per_device_batch_size * self.proc.world)
             p = micro_batch_progress(phase_step * self.accum + micro, per_epoch)
         elif cfg.schedule_scope == "run":
             p = progress(phase * self.steps_per_phase + phase_step, self.steps_per_phase * len(self.layers))
@@ -122,7 +124,7 @@ class Unlearner:
     def _micro_batches(self, phase: int, step: int):
         """This process's micro-batches of optimizer step ``step`` of ``phase``: ``(m, forget, retain)``,
         each a :class:`HostBatch` whose tensors are already on the device."""
-        cfg, world, rank = self.cfg, self.acc.num_processes, self.acc.process_index
+        cfg, world, rank = self.cfg, self.proc.world, self.proc.rank
         per_epoch = len(self.data.forget) // cfg.global_batch_size
         order_f, order_r = self._orders(phase, step // per_epoch)
         base = (step % per_epoch) * cfg.global_batch_size
@@ -149,7 +151,7 @@ class Unlearner:
     def _host_batch(self, seqs: list[list[int]]) -> "HostBatch":
         """Collate on the host, keep the row lengths there, move the tensors to the device."""
         batch = collate(seqs, self.data.pad_id)
-        return HostBatch({k: to_device(v, self.acc.device) for k, v in batch.items()}, [len(s) for s in seqs])
+        return HostBatch({k: to_device(v, self.proc.device) for k, v in batch.items()}, [len(s) for s in seqs])
 
     def optimizer_step(self, phase: int, layer: int) -> dict:
         """One optimizer step (``accum`` micro-batches) of ``phase``; returns its metrics line.
@@ -165,7 +167,7 @@ class Unlearner:
         for group in self.opt.param_groups:
             group["lr"] = lr
         t0, tokens = time.perf_counter(), 0
-        sums = torch.zeros(6, dtype=torch.float64, device=self.acc.device)  # f, r, used, skipped, last bad f, r
+        sums = torch.zeros(6, dtype=torch.float64, device=self.proc.device)  # f, r, used, skipped, last bad f, r
         coefs = [self.coefficients_at(phase, pos.phase_step, m) for m in range(self.accum)]
         for m, fb, rb in self._micro_batches(phase, pos.phase_step):
             f, r = self._micro_step(phase, layer, m, fb, rb, coefs[m])
@@ -188,10 +190,10 @@ class Unlearner:
                     coef: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of one micro-batch's forget and retain losses; its gradient is added to the
         step's where both are finite. Returns the two losses (device scalars)."""
-        cfg, world, fc, rc = self.cfg, self.acc.num_processes, *coef
+        cfg, world, fc, rc = self.cfg, self.proc.world, *coef
         # Random targets and LoRA dropout are a function of the global micro-batch index, so
         # the run is the same whatever the number of processes and wherever it resumed.
-        micro = (self.pos.phase_step * self.accum + m) * world + self.acc.process_index
+        micro = (self.pos.phase_step * self.accum + m) * world + self.proc.rank
         gen = _gen(cfg.seed, Stream.TARGETS, phase, micro)
         torch.manual_seed(_seed(cfg.seed, Stream.DROPOUT, phase, micro))
         held = [p.grad for p in self.params]
@@ -221,7 +223,7 @@ class Unlearner:
         """
         lengths = batch.lengths  # real tokens per row, known on the host
         total = sum(lengths)
-        loss = torch.zeros((), device=self.acc.device)
+        loss = torch.zeros((), device=self.proc.device)
         for start, stop in _row_groups(lengths):
             n = sum(lengths[start:stop])
             if total and not n:
@@ -229,11 +231,11 @@ class Unlearner:
             width = max(lengths[start:stop]) if total else batch.tensors["attention_mask"].shape[1]
             part = {k: v[start:stop, :width].contiguous() for k, v in batch.tensors.items()}
             index = [row * width + t for row, length in enumerate(lengths[start:stop]) for t in range(length)]
-            part["index"] = to_device(torch.tensor(index, dtype=torch.long), self.acc.device)  # (n,)
+            part["index"] = to_device(torch.tensor(index, dtype=torch.long), self.proc.device)  # (n,)
             share = (stop - start) / len(lengths) if by_rows else (n / total if total else 1.0)
-            with self.acc.autocast():
+            with torch.autocast(self.proc.device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 part_loss = loss_fn(part)
-            self.acc.backward(coef * share * part_loss)  # a non-finite loss: the micro-batch is dropped
+            (coef * share * part_loss).backward()  # a non-finite loss: the micro-batch is dropped
             loss = loss + share * part_loss.detach().float()
         return loss
 
@@ -243,12 +245,11 @@ class Unlearner:
         loss stops here (``on_nan: stop``) before the optimizer steps. Returns ``[f_sum, r_sum, used,
         skipped, bad_f, bad_r, grad_norm, tokens]``."""
         if not self.fsdp:  # FSDP has reduce-scattered (and averaged) them in backward
-            average_gradients(self.params)
+            self.proc.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         summed = torch.cat([sums, to_device(torch.tensor([0.0, float(tokens)], dtype=torch.float64), sums.device)])
-        if self.acc.num_processes > 1:
-            summed = self.acc.reduce(summed, reduction="sum")
+        summed = self.proc.sum(summed)
         summed[6] = norm.double()
         values = summed.tolist()  # the one host-device synchronisation of the step
         skipped = int(values[3])
@@ -278,7 +279,7 @@ class Unlearner:
             layer = self.layers[phase]
             if self.cfg.optimizer_scope == "phase" and self.pos.phase_step == 0:
                 self.opt = self._new_optimizer()  # empty AdamW moments, as a new HF Trainer per layer had
-            bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.acc.is_main_process,
+            bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.proc.is_main,
                        desc=f"phase {phase + 1}/{len(self.layers)} layer {layer}", dynamic_ncols=True)
             for _ in range(self.pos.phase_step, self.steps_per_phase):
                 line = self.optimizer_step(phase, layer)
@@ -300,10 +301,12 @@ class Unlearner:
                 on_phase_end(self, phase, layer)
 
     def _log(self, line: dict) -> None:
-        if self.acc.is_main_process:
-            with open(self.run.metrics, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-        self.acc.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=line["step"])
+        if not self.proc.is_main:
+            return
+        with open(self.run.metrics, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.tracker is not None:
+            self.tracker.log({k: v for k, v in line.items() if isinstance(v, (int, float))}, step=line["step"])
 
     def load_checkpoint(self) -> None:
         """Continue from the run's checkpoint, if one was written."""
@@ -411,18 +414,11 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
     return Batches(out["forget"], out["retain"], tokenizer.pad_token_id)
 
 
-def make_accelerator(cfg: UnlearnConfig, run: RunDir):
-    """An ``Accelerator`` for device placement, autocast, process group and trackers (not yet started)."""
-    from accelerate import Accelerator
-
-    from sequnlearn.trackers import check_tracker
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() else "no"
-    check_tracker(cfg.report_to)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.report_to,
-                       project_dir=str(run.root))
+def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``mixed_precision`` (auto: bf16 on a GPU, none on the CPU); None = off."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" else "no"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
@@ -434,47 +430,51 @@ def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
                         "resume with the same config or start a new --out")
 
 
-def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False,
+def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False, proc: Process | None = None,
             on_checkpoint: Callable[[Position], None] | None = None,
             on_phase_end: Callable[[Unlearner, int, int], None] | None = None) -> RunDir:
     """Run all phases of ``cfg`` into the (prepared) run directory ``run``; returns it.
 
-    ``on_checkpoint`` and ``on_phase_end`` are passed to :meth:`Unlearner.train`.
+    ``proc``: this process (default: :meth:`Process.start`). ``on_checkpoint`` and ``on_phase_end``
+    are passed to :meth:`Unlearner.train`.
     """
     from sequnlearn.model.load import check_positions, load_model
     from sequnlearn.modelcard import write_model_card
     from sequnlearn.runs import run_fingerprints
+    from sequnlearn.trackers import check_tracker, open_tracker
 
     if resume:
         check_resume(cfg, run)
-    acc = make_accelerator(cfg, run)
+    check_tracker(cfg.report_to)
+    proc = proc or Process.start()
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     # Everything that can fail on bad input (model, data, layers, batch sizes) runs before the
     # first file is written into the run directory.
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(acc.device), revision=cfg.revision)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(proc.device), revision=cfg.revision)
     check_positions(model.config.to_dict(), cfg.max_length, cfg.model)
-    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, acc)
-    prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(acc.device))
+    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, proc)
+    prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(proc.device))
     prov.update(run_fingerprints(cfg, engine.data))
     if resume:
         engine.load_checkpoint()  # a damaged checkpoint stops here, before anything is written
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        if acc.is_main_process:
+        if proc.is_main:
             remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
-    prov["num_processes"] = acc.num_processes
-    if acc.is_main_process:
+    prov["num_processes"] = proc.world
+    if proc.is_main:
         run.claim()
         atomic_write_text(run.config, dump_yaml(cfg))
         write_json(run.provenance, prov)
-    if cfg.report_to:
-        acc.init_trackers(run.root.name, config={k: str(v) for k, v in cfg.to_dict().items()})
+    if cfg.report_to and proc.is_main:
+        engine.tracker = open_tracker(cfg.report_to, run.root.name, run.root,
+                                      {k: str(v) for k, v in cfg.to_dict().items()})
     engine.train(on_checkpoint, on_phase_end)
     engine.save()
-    if acc.is_main_process:
+    if proc.is_main:
         prov["end_time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         prov["nan_skipped"] = engine.pos.nan_skipped
         write_json(run.provenance, prov)
         write_model_card(run)
-    for tracker in acc.trackers:  # not acc.end_training(): that also ends the process group, which
-        tracker.finish()          # a sweep still needs for the evaluation that follows
+    if engine.tracker is not None:
+        engine.tracker.finish()
     return run

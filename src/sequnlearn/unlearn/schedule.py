@@ -1,23 +1,8 @@
-"""Layer order and the coefficient ramps of the reference."""
+"""The coefficient ramps of the reference and the learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
-
-from sequnlearn.errors import UserError
-
-
-def layer_order(start: int, end: int, step: int) -> list[int]:
-    """Target layers from ``start`` down to ``end`` inclusive (28, 16, 4 → [28, 24, 20, 16]).
-
-    Raises:
-        UserError: ``step`` is not positive or ``start < end`` (not back-to-front).
-    """
-    if step <= 0:
-        raise UserError(f"layer_step must be positive (got {step}); layers run from layer_start down to layer_end")
-    if start < end:
-        raise UserError(f"layer_start {start} < layer_end {end}: unlearning runs back to front; swap them")
-    return list(range(start, end - 1, -step))
 
 
 def progress(step: int, total: int) -> float:

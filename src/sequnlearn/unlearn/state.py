@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from sequnlearn import io
-from sequnlearn.distributed import full_state, load_full_state
+from sequnlearn.distributed import Process, full_state, load_full_state
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.runs import RunDir, atomic_path, atomic_write_text
@@ -37,20 +37,20 @@ class RunState:
 
     Args:
         run: the run directory.
-        acc: the process handle (``is_main_process``, ``wait_for_everyone``).
+        proc: this process (:class:`~sequnlearn.distributed.Process`).
         sharded: the model is FSDP-sharded (state is gathered by every process).
     """
 
-    def __init__(self, run: RunDir, acc, *, sharded: bool):
-        self.run, self.acc, self.fsdp = run, acc, sharded
+    def __init__(self, run: RunDir, proc: Process, *, sharded: bool):
+        self.run, self.proc, self.fsdp = run, proc, sharded
 
     def save_checkpoint(self, model, opt: torch.optim.Optimizer, pos: Position) -> None:
         """Adapter weights, optimizer state and position, written atomically (main process)."""
-        self.acc.wait_for_everyone()
+        self.proc.barrier()
         if self.fsdp:  # gathered by every process, written by the main one
             model_sd, opt_sd = full_state(model, opt)
             adapter = {k: v for k, v in model_sd.items() if "lora_" in k}
-        if not self.acc.is_main_process:
+        if not self.proc.is_main:
             return
         if not self.fsdp:
             from peft import get_peft_model_state_dict
@@ -84,7 +84,7 @@ class RunState:
         else:
             set_peft_model_state_dict(model, state["adapter"])
             opt.load_state_dict(state["optimizer"])
-        if self.acc.is_main_process:
+        if self.proc.is_main:
             _truncate_lines(self.run.metrics, state["metrics_lines"])
         return Position(**state["position"])
 
@@ -94,10 +94,10 @@ class RunState:
         Args:
             unsharded_copy: rebuilds the adapted model on the CPU from a full state dict (FSDP only).
         """
-        self.acc.wait_for_everyone()
+        self.proc.barrier()
         if self.fsdp:  # gather the full weights into an unsharded copy on the CPU of the main process
             model_sd, _ = full_state(model)
-        if not self.acc.is_main_process:
+        if not self.proc.is_main:
             return
         if self.fsdp:
             model = unsharded_copy(model_sd)
