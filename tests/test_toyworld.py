@@ -78,18 +78,48 @@ def test_mcq_records_are_well_formed(world):
         assert max(counts.values()) - min(counts.values()) <= 1  # answer positions balanced
 
 
-def test_pretraining_mcq_examples_use_fresh_option_lists():
+def _parse_mcq(text: str) -> tuple[str, str, tuple[str, ...], str]:
+    """(context line or "", question, choices, answer letter) of a pretraining letter-format MCQ."""
+    lines = text.split("\n")
+    context = lines.pop(0) if len(lines) == 7 else ""
+    return context, lines[0], tuple(line[3:] for line in lines[1:5]), lines[5][len("Answer: "):]
+
+
+def test_pretraining_mcqs_never_show_an_evaluation_question_or_its_distractor_set():
     config = ToyWorldConfig.reduced(mcq_examples_per_fact=3)
     w = generate_world(config)
     for name in DOMAINS:
-        examples = [d["text"] for d in w.pretrain if d["source"] == f"mcq_{name}"]
+        examples = [_parse_mcq(d["text"]) for d in w.pretrain if d["source"] == f"mcq_{name}"]
         assert len(examples) == 3 * len(w.facts[name])
-        held_out = {(r["question"], tuple(r["choices"])) for r in w.mcqs[name]}
-        for text in examples:
-            lines = text.split("\n")
-            choices = tuple(line[3:] for line in lines[1:5])
-            assert (lines[0], choices) not in held_out
-            assert lines[-1][len("Answer: "):] in LETTERS
+        eval_questions = {r["question"] for r in w.mcqs[name]}
+        eval_set = {(f.entity, f.attribute): frozenset(r["choices"]) for f, r in zip(w.facts[name], w.mcqs[name])}
+        asked = Counter()
+        for context, question, choices, letter in examples:
+            assert context == "" and question not in eval_questions  # a paraphrase stem, never the evaluation's
+            fact = next(f for f in w.facts[name] if f.entity in question and set(choices) <= set(attribute(f).values))
+            asked[fact] += 1
+            assert frozenset(choices) != eval_set[(fact.entity, fact.attribute)]  # another distractor set
+            assert choices[LETTERS.index(letter)] == fact.value and len(set(choices)) == 4
+        assert set(asked.values()) == {3} and len(asked) == len(w.facts[name])
+        counts = Counter(letter for *_, letter in examples)
+        assert max(counts.values()) - min(counts.values()) <= 1  # no letter is a better guess
+
+
+def test_practice_domain_teaches_the_letter_format_without_evaluated_entities():
+    config = ToyWorldConfig.reduced(practice_entities=6, practice_mcq_per_fact=2, practice_context_mcq_per_fact=1)
+    w = generate_world(config)
+    sources = Counter(d["source"] for d in w.pretrain)
+    assert sources["mcq_practice"] == 6 * 4 * 3 and sources["practice"] == 6 * 4 * config.paraphrases
+    assert sources["qa_practice"] == 6 * 4 and "mcq_forget" not in sources
+    assert set(w.mcqs) == set(w.corpora) == set(DOMAINS)  # practice is pretraining-only: no corpus, no MCQ file
+    plants = {f.entity for f in w.facts["practice"]}
+    evaluated = {f.entity for d in DOMAINS for f in w.facts[d]}
+    assert len(plants) == 6 and not plants & evaluated
+    with_context = [_parse_mcq(d["text"]) for d in w.pretrain if d["source"] == "mcq_practice" and d["text"].count("\n") == 6]
+    assert len(with_context) == 6 * 4
+    for context, question, choices, letter in with_context:
+        assert choices[LETTERS.index(letter)] in context and context != question
+    assert generate_world(ToyWorldConfig.reduced()).facts.keys() == set(DOMAINS)  # off by default in reduced
 
 
 def test_prompts_match_the_evaluator_template(world):
