@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -292,3 +293,60 @@ def test_toyworld_build_set_names_a_misspelt_field_and_writes_nothing(tmp_path, 
     assert e.value.code == 2
     assert "did you mean 'paraphrases'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- shipped model
+
+
+TINY = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=3)
+
+
+def test_a_shipped_model_is_copied_for_its_config_and_rebuilt_bit_for_bit(tmp_path, monkeypatch):
+    import sequnlearn.toyworld.pretrain as pretrain_module
+    import sequnlearn.toyworld.shipped as shipped
+
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "shipped")
+    made = build_world(tmp_path / "a", TINY, progress=False, threads=1)
+    info = shipped.ship(made.model, load_world_info(made.root))
+    assert info["pretrain_threads"] == 1 and set(info["sha256"]) >= {"model.safetensors", "tokenizer.json"}
+
+    real_pretrain = pretrain_module.pretrain
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: pytest.fail("the shipped model was retrained"))
+    copied = build_world(tmp_path / "b", TINY, progress=False)
+    assert load_world_info(copied.root)["model_source"] == "shipped"
+    assert shipped.model_hashes(copied.model) == info["sha256"]
+    assert (copied.forget_mcq.read_text() == made.forget_mcq.read_text()
+            and copied.pretrain_corpus.read_text() == made.pretrain_corpus.read_text())
+
+    threads = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: threads.append(k["threads"]) or real_pretrain(*a, **k))
+    rebuilt = build_world(tmp_path / "b", TINY, progress=False, pretrain=True)  # the shipped copy is no cache hit
+    assert threads == [1]  # --pretrain takes the shipped thread count ...
+    assert load_world_info(rebuilt.root)["model_sha256"] == info["sha256"]  # ... and gives the same bytes
+    (tmp_path / "shipped" / "model.safetensors").write_bytes(b"damaged")
+    assert shipped.shipped_for(TINY, load_world_info(made.root)["format"]) is None  # a damaged copy is not used
+
+
+def test_a_shipped_model_if_any_is_the_default_full_worlds():
+    from sequnlearn.toyworld import WORLD_FORMAT
+    from sequnlearn.toyworld.shipped import shipped_info
+
+    info = shipped_info()
+    if info is None:
+        pytest.skip("no model shipped (src/sequnlearn/toyworld/pretrained/): the full world is pretrained on build")
+    assert info["format"] == WORLD_FORMAT and info["config"] == ToyWorldConfig().to_dict(), \
+        "the world changed: rebuild and ship its model (`sequnlearn toyworld build --out DIR --pretrain --ship`)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SEQUNLEARN_REBUILD_TEST"),
+                    reason="pretrains the full world (minutes); set SEQUNLEARN_REBUILD_TEST=1 to run it")
+def test_pretraining_rebuilds_the_shipped_full_world_model_bit_for_bit(tmp_path):
+    from sequnlearn.toyworld.shipped import shipped_info
+
+    shipped = shipped_info()
+    if shipped is None:
+        pytest.skip("no model shipped")
+    paths = build_world(tmp_path, ToyWorldConfig(), progress=False, pretrain=True)
+    info = load_world_info(paths.root)
+    assert info["model_sha256"] == shipped["sha256"], (info["torch_version"], shipped["torch_version"])

@@ -39,7 +39,7 @@ from pathlib import Path
 from sequnlearn.errors import UserError
 from sequnlearn.runs import read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
-from sequnlearn.toyworld.shipped import copy_shipped, model_hashes, shipped_for, shipped_info
+from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
 from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, World, generate_world
 
 WORLD_FORMAT = 2
@@ -264,6 +264,7 @@ def _copy_shipped_model(paths: ToyWorldPaths, shipped: dict) -> dict:
     tmp = _temp_model_dir(paths)
     try:
         copy_shipped(tmp)
+        os.replace(tmp / PRETRAIN_LOG, paths.pretrain_log)
         os.replace(tmp, paths.model)
     finally:
         if tmp.exists():
