@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -78,18 +79,48 @@ def test_mcq_records_are_well_formed(world):
         assert max(counts.values()) - min(counts.values()) <= 1  # answer positions balanced
 
 
-def test_pretraining_mcq_examples_use_fresh_option_lists():
+def _parse_mcq(text: str) -> tuple[str, str, tuple[str, ...], str]:
+    """(context line or "", question, choices, answer letter) of a pretraining letter-format MCQ."""
+    lines = text.split("\n")
+    context = lines.pop(0) if len(lines) == 7 else ""
+    return context, lines[0], tuple(line[3:] for line in lines[1:5]), lines[5][len("Answer: "):]
+
+
+def test_pretraining_mcqs_never_show_an_evaluation_question_or_its_distractor_set():
     config = ToyWorldConfig.reduced(mcq_examples_per_fact=3)
     w = generate_world(config)
     for name in DOMAINS:
-        examples = [d["text"] for d in w.pretrain if d["source"] == f"mcq_{name}"]
+        examples = [_parse_mcq(d["text"]) for d in w.pretrain if d["source"] == f"mcq_{name}"]
         assert len(examples) == 3 * len(w.facts[name])
-        held_out = {(r["question"], tuple(r["choices"])) for r in w.mcqs[name]}
-        for text in examples:
-            lines = text.split("\n")
-            choices = tuple(line[3:] for line in lines[1:5])
-            assert (lines[0], choices) not in held_out
-            assert lines[-1][len("Answer: "):] in LETTERS
+        eval_questions = {r["question"] for r in w.mcqs[name]}
+        eval_set = {(f.entity, f.attribute): frozenset(r["choices"]) for f, r in zip(w.facts[name], w.mcqs[name])}
+        asked = Counter()
+        for context, question, choices, letter in examples:
+            assert context == "" and question not in eval_questions  # a paraphrase stem, never the evaluation's
+            fact = next(f for f in w.facts[name] if f.entity in question and set(choices) <= set(attribute(f).values))
+            asked[fact] += 1
+            assert frozenset(choices) != eval_set[(fact.entity, fact.attribute)]  # another distractor set
+            assert choices[LETTERS.index(letter)] == fact.value and len(set(choices)) == 4
+        assert set(asked.values()) == {3} and len(asked) == len(w.facts[name])
+        counts = Counter(letter for *_, letter in examples)
+        assert max(counts.values()) - min(counts.values()) <= 1  # no letter is a better guess
+
+
+def test_practice_domain_teaches_the_letter_format_without_evaluated_entities():
+    config = ToyWorldConfig.reduced(practice_entities=6, practice_mcq_per_fact=2, practice_context_mcq_per_fact=1)
+    w = generate_world(config)
+    sources = Counter(d["source"] for d in w.pretrain)
+    assert sources["mcq_practice"] == 6 * 4 * 3 and sources["practice"] == 6 * 4 * config.paraphrases
+    assert sources["qa_practice"] == 6 * 4 and "mcq_forget" not in sources
+    assert set(w.mcqs) == set(w.corpora) == set(DOMAINS)  # practice is pretraining-only: no corpus, no MCQ file
+    plants = {f.entity for f in w.facts["practice"]}
+    evaluated = {f.entity for d in DOMAINS for f in w.facts[d]}
+    assert len(plants) == 6 and not plants & evaluated
+    with_context = [_parse_mcq(d["text"]) for d in w.pretrain if d["source"] == "mcq_practice" and d["text"].count("\n") == 6]
+    assert len(with_context) == 6 * 4
+    for context, question, choices, letter in with_context:
+        assert choices[LETTERS.index(letter)] in context and context != question
+    assert generate_world(ToyWorldConfig.reduced()).facts.keys() == set(DOMAINS)  # off by default in reduced
 
 
 def test_prompts_match_the_evaluator_template(world):
@@ -262,3 +293,60 @@ def test_toyworld_build_set_names_a_misspelt_field_and_writes_nothing(tmp_path, 
     assert e.value.code == 2
     assert "did you mean 'paraphrases'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- shipped model
+
+
+TINY = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=3)
+
+
+def test_a_shipped_model_is_copied_for_its_config_and_rebuilt_bit_for_bit(tmp_path, monkeypatch):
+    import sequnlearn.toyworld.pretrain as pretrain_module
+    import sequnlearn.toyworld.shipped as shipped
+
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path / "shipped")
+    made = build_world(tmp_path / "a", TINY, progress=False, threads=1)
+    info = shipped.ship(made.model, load_world_info(made.root))
+    assert info["pretrain_threads"] == 1 and set(info["sha256"]) >= {"model.safetensors", "tokenizer.json"}
+
+    real_pretrain = pretrain_module.pretrain
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: pytest.fail("the shipped model was retrained"))
+    copied = build_world(tmp_path / "b", TINY, progress=False)
+    assert load_world_info(copied.root)["model_source"] == "shipped"
+    assert shipped.model_hashes(copied.model) == info["sha256"]
+    assert (copied.forget_mcq.read_text() == made.forget_mcq.read_text()
+            and copied.pretrain_corpus.read_text() == made.pretrain_corpus.read_text())
+
+    threads = []
+    monkeypatch.setattr(pretrain_module, "pretrain", lambda *a, **k: threads.append(k["threads"]) or real_pretrain(*a, **k))
+    rebuilt = build_world(tmp_path / "b", TINY, progress=False, pretrain=True)  # the shipped copy is no cache hit
+    assert threads == [1]  # --pretrain takes the shipped thread count ...
+    assert load_world_info(rebuilt.root)["model_sha256"] == info["sha256"]  # ... and gives the same bytes
+    (tmp_path / "shipped" / "model.safetensors").write_bytes(b"damaged")
+    assert shipped.shipped_for(TINY, load_world_info(made.root)["format"]) is None  # a damaged copy is not used
+
+
+def test_a_shipped_model_if_any_is_the_default_full_worlds():
+    from sequnlearn.toyworld import WORLD_FORMAT
+    from sequnlearn.toyworld.shipped import shipped_info
+
+    info = shipped_info()
+    if info is None:
+        pytest.skip("no model shipped (src/sequnlearn/toyworld/pretrained/): the full world is pretrained on build")
+    assert info["format"] == WORLD_FORMAT and info["config"] == ToyWorldConfig().to_dict(), \
+        "the world changed: rebuild and ship its model (`sequnlearn toyworld build --out DIR --pretrain --ship`)"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SEQUNLEARN_REBUILD_TEST"),
+                    reason="pretrains the full world (minutes); set SEQUNLEARN_REBUILD_TEST=1 to run it")
+def test_pretraining_rebuilds_the_shipped_full_world_model_bit_for_bit(tmp_path):
+    from sequnlearn.toyworld.shipped import shipped_info
+
+    shipped = shipped_info()
+    if shipped is None:
+        pytest.skip("no model shipped")
+    paths = build_world(tmp_path, ToyWorldConfig(), progress=False, pretrain=True)
+    info = load_world_info(paths.root)
+    assert info["model_sha256"] == shipped["sha256"], (info["torch_version"], shipped["torch_version"])

@@ -266,6 +266,9 @@ def _add_toyworld(sub) -> None:
                    "the idle cores on a busy machine)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a world field (repeatable), e.g. --set paraphrases=2 --set num_layers=6")
+    b.add_argument("--pretrain", action="store_true", help="pretrain the model even where the package ships it "
+                   "(with the shipped thread count: the bit-exact rebuild; prints whether the bytes match)")
+    b.add_argument("--ship", action="store_true", help="maintainers: make the model built here the shipped one")
     b.add_argument("--quiet", action="store_true", help="no stage lines or progress bar on stderr")
     b.set_defaults(func=cmd_toyworld)
 
@@ -279,16 +282,37 @@ def cmd_toyworld(args) -> None:
     overrides = dict(parse_override(item) for item in args.set)
     overrides.update({k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None})
     config = ToyWorldConfig.reduced(**overrides) if args.reduced else ToyWorldConfig.from_dict(overrides)
-    paths = build_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite, threads=args.threads)
+    paths = build_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite, threads=args.threads,
+                        pretrain=args.pretrain)
     info = load_world_info(paths.root)
     size = "reduced" if args.reduced else "full"
     print(f"toy world ({size}, seed {config.seed}) in {paths.root}: {info['model_parameters']:,}-parameter "
-          f"GPT-NeoX, {config.steps} pretraining steps, final loss {info['final_pretrain_loss']:.3f}, "
+          f"GPT-NeoX, {config.steps} pretraining steps on {info['pretrain_threads']} thread(s), final loss "
+          f"{info['final_pretrain_loss']:.3f}, {info.get('model_source', 'pretrained')} model, "
           f"built in {info['build_seconds']:.0f}s")
+    _toyworld_shipped_check(paths, info, args.ship)
     for label, path in (("model + tokenizer", paths.model), ("forget corpus", paths.forget_corpus),
                         ("retain corpus", paths.retain_corpus), ("forget MCQs", paths.forget_mcq),
                         ("retain MCQs", paths.retain_mcq), ("facts", paths.facts)):
         print(f"  {label + ':':18} {path}")
+
+
+def _toyworld_shipped_check(paths, info: dict, ship: bool) -> None:
+    """Say whether a pretrained world's model equals the shipped one byte for byte; ship it if asked."""
+    from sequnlearn.toyworld.build import WORLD_FORMAT
+    from sequnlearn.toyworld.config import ToyWorldConfig
+    from sequnlearn.toyworld.shipped import shipped_info, ship as ship_model
+
+    shipped = shipped_info()
+    if info.get("model_source") == "pretrained" and shipped and shipped.get("config") == info["config"]:
+        same = shipped.get("sha256") == info.get("model_sha256") and shipped.get("format") == WORLD_FORMAT
+        print(f"  shipped model:     {'identical (bit for bit)' if same else 'DIFFERENT bytes from'} the shipped one "
+              f"(shipped: {shipped.get('pretrain_threads')} thread(s), torch {shipped.get('torch_version')})")
+    if ship:
+        if info.get("model_source") != "pretrained" or info["config"] != ToyWorldConfig().to_dict():
+            raise UserError("--ship needs the default (full) world pretrained here: add --pretrain, drop --set/--reduced")
+        ship_model(paths.model, info)
+        print("  shipped:           the package's toyworld/pretrained/ now holds this model")
 
 
 # ---------------------------------------------------------------- demo

@@ -2,7 +2,8 @@
 
 Layout of ``out_dir`` (see :class:`ToyWorldPaths`)::
 
-    world.json            format version, seed, config, file list, build time, final loss (written last)
+    world.json            format version, seed, config, file list, build time, final loss, where the model
+                          came from (shipped copy or pretrained here) and its files' SHA-256 (written last)
     facts.json            entities and their attribute values per domain, and each attribute's value set
     corpus/forget.jsonl   forget-domain documents, {"text": ...} per line
     corpus/retain.jsonl   retain-domain documents
@@ -12,6 +13,10 @@ Layout of ``out_dir`` (see :class:`ToyWorldPaths`)::
     mcq/retain.jsonl
     pretrain_log.jsonl    one line per pretraining step: step, loss, lr, elapsed_s
     model/                HF GPT-NeoX model (config.json, model.safetensors) and tokenizer files
+
+The full world's model is shipped in the package (:mod:`sequnlearn.toyworld.shipped`): a build
+with the shipped config writes the text files and copies it, in seconds; ``pretrain=True``
+(``--pretrain``) trains it instead, bit for bit the same on the same torch version and CPU kind.
 
 Caching: ``world.json`` is written only after everything else, so its presence marks a finished
 build. A second call with an equal config returns at once. A different config (or an older world
@@ -34,9 +39,10 @@ from pathlib import Path
 from sequnlearn.errors import UserError
 from sequnlearn.runs import read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
-from sequnlearn.toyworld.world import DOMAINS, World, generate_world
+from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
+from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, World, generate_world
 
-WORLD_FORMAT = 1
+WORLD_FORMAT = 2
 """Version of the on-disk world; bump it when generation changes so old caches are not reused."""
 
 
@@ -111,7 +117,7 @@ class ToyWorldPaths:
 
 
 def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None, *, progress: bool = True,
-                overwrite: bool = False, threads: int | None = None) -> ToyWorldPaths:
+                overwrite: bool = False, threads: int | None = None, pretrain: bool = False) -> ToyWorldPaths:
     """Build the toy world into ``out_dir``, or reuse the one already built there with this config.
 
     Args:
@@ -119,8 +125,12 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
         config: the world's config; ``ToyWorldConfig()`` (the full world) when omitted.
         progress: print stage lines and a pretraining progress bar to stderr.
         overwrite: replace a world built with a different config instead of raising.
-        threads: torch CPU threads for pretraining; ``None``: torch's setting, lowered to the
-            cores the load average leaves idle. Not part of the config: it changes speed, not the world.
+        threads: torch CPU threads for pretraining; ``None``: the shipped model's thread count when
+            ``config`` is the shipped one (so a rebuild gives the same bytes), else torch's setting
+            lowered to the idle cores. Not part of the config: it changes the float summation
+            order, so the weights (not the text) of the world.
+        pretrain: pretrain the model even when the package ships one for ``config`` (see
+            :mod:`sequnlearn.toyworld.shipped`); a cached world that holds the shipped copy is rebuilt.
 
     Returns:
         The :class:`ToyWorldPaths` of the finished world.
@@ -134,7 +144,7 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
     paths = ToyWorldPaths(Path(out_dir))
     if paths.root.exists() and not paths.root.is_dir():
         raise UserError(f"toy world out dir {paths.root} is a file; give a directory path")
-    if _cached(paths, config, overwrite):
+    if _cached(paths, config, overwrite, pretrain):
         _say(progress, f"toy world: reusing {paths.root} (built earlier with the same config)")
         return paths
     if threads is not None and threads < 1:
@@ -144,7 +154,14 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
     start = time.perf_counter()
     world = generate_world(config)
     _write_text_files(paths, world)
-    model_info = _build_model(paths, world, config, progress, threads)
+    shipped = None if pretrain else shipped_for(config, WORLD_FORMAT)
+    if shipped is not None:
+        _say(progress, "toy world: using the shipped pretrained model (`--pretrain` trains it instead)")
+        model_info = _copy_shipped_model(paths, shipped)
+    else:
+        if threads is None and shipped_for(config, WORLD_FORMAT) is not None:
+            threads = shipped_info()["pretrain_threads"]
+        model_info = _build_model(paths, world, config, progress, threads)
     write_json(paths.world_json, {
         "format": WORLD_FORMAT, "seed": config.seed, "config": config.to_dict(), "files": paths.files(), **model_info,
         "build_seconds": round(time.perf_counter() - start, 1),
@@ -166,8 +183,9 @@ def load_world_info(out_dir: str | os.PathLike) -> dict:
     return read_json(paths.world_json)
 
 
-def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool) -> bool:
-    """True when a finished world with this config is there; raise on a conflicting one."""
+def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool, pretrain: bool = False) -> bool:
+    """True when a finished world with this config is there (pretrained here, if ``pretrain``); raise on a
+    conflicting one."""
     if not paths.world_json.is_file():
         return False
     try:
@@ -176,7 +194,7 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool) -> bo
         return False  # unreadable: treat as an unfinished build
     same = info.get("format") == WORLD_FORMAT and info.get("config") == config.to_dict()
     if same and paths.is_complete():
-        return True
+        return not (pretrain and info.get("model_source") == "shipped")
     if not same and not overwrite:
         old = info.get("config") or {}
         diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
@@ -226,17 +244,35 @@ def _say(progress: bool, msg: str) -> None:
 def _write_text_files(paths: ToyWorldPaths, world: World) -> None:
     """Write facts, corpora, the pretraining mix and the MCQ sets (each file atomically)."""
     facts = {}
-    for name, domain in DOMAINS.items():
+    for name in world.facts:  # forget, retain, and the pretraining-only practice domain if any
+        domain = ALL_DOMAINS[name]
         entities: dict[str, dict[str, str]] = {}
         for f in world.facts[name]:
             entities.setdefault(f.entity, {})[f.attribute] = f.value
         facts[name] = {"kind": domain.kind, "entities": entities,
                        "value_sets": {a.name: list(a.values) for a in domain.attributes},
                        "question_stems": {a.name: a.stem for a in domain.attributes}}
+    for name in DOMAINS:
         write_jsonl(paths.corpus(name), [{"text": t} for t in world.corpora[name]])
         write_jsonl(paths.mcq(name), world.mcqs[name])
     write_json(paths.facts, facts)
     write_jsonl(paths.pretrain_corpus, world.pretrain)
+
+
+def _copy_shipped_model(paths: ToyWorldPaths, shipped: dict) -> dict:
+    """Copy the shipped model into ``model/`` (via a temp dir + rename); its ``world.json`` facts."""
+    tmp = _temp_model_dir(paths)
+    try:
+        copy_shipped(tmp)
+        os.replace(tmp / PRETRAIN_LOG, paths.pretrain_log)
+        os.replace(tmp, paths.model)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    keep = ("vocab_size", "model_parameters", "final_pretrain_loss", "pretrain_threads", "pretrain_seconds",
+            "torch_version")
+    return {"model_source": "shipped", **{k: shipped[k] for k in keep if k in shipped},
+            "model_sha256": shipped["sha256"]}
 
 
 def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, progress: bool,
@@ -247,6 +283,8 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
         ``vocab_size``, ``model_parameters``, ``final_pretrain_loss`` (mean of the last 10 steps),
         ``pretrain_threads`` and ``pretrain_seconds``.
     """
+    import torch
+
     from sequnlearn.toyworld.pretrain import auto_threads, pretrain
     from sequnlearn.toyworld.tokenizer import train_tokenizer
 
@@ -254,24 +292,41 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
     _say(progress, f"toy world: training a {config.vocab_size}-token BPE tokenizer on {len(texts)} documents")
     tok = train_tokenizer(texts, config.vocab_size)
     docs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    weights = [_loss_weights(d, doc, tok, config.mcq_answer_weight) for d, doc in zip(world.pretrain, docs)]
     threads = threads or auto_threads()
     _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
                    f"steps on {threads} CPU thread(s)")
-    model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads)
+    model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads,
+                          weights=weights)
     write_jsonl(paths.pretrain_log, log)
     _save_model(paths, model, tok)
     tail = [r["loss"] for r in log[-10:]]
-    return {"vocab_size": len(tok), "model_parameters": sum(p.numel() for p in model.parameters()),
+    return {"model_source": "pretrained", "vocab_size": len(tok),
+            "model_parameters": sum(p.numel() for p in model.parameters()),
             "final_pretrain_loss": sum(tail) / len(tail), "pretrain_threads": threads,
-            "pretrain_seconds": log[-1]["elapsed_s"]}
+            "pretrain_seconds": log[-1]["elapsed_s"], "torch_version": torch.__version__,
+            "model_sha256": model_hashes(paths.model)}
+
+
+def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> list[float]:
+    """Per-token pretraining loss weights: 1, except in a letter-format MCQ (``mcq_*`` source).
+
+    There only the answer letter is trained, with weight ``answer_weight``: the question and the
+    choices get 0, since three of the four choices are false statements about the entity and
+    would teach the wrong values.
+    """
+    if not entry["source"].startswith("mcq_"):
+        return [1.0] * len(ids)
+    text = entry["text"]
+    prompt = tok(text[: text.rindex(" ")], add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt)] != prompt:
+        raise ValueError(f"the answer of a pretraining MCQ does not tokenize apart from its prompt: {text!r}")
+    return [0.0] * len(prompt) + [answer_weight] * (len(ids) - len(prompt))
 
 
 def _save_model(paths: ToyWorldPaths, model, tokenizer) -> None:
     """Save model and tokenizer into a temp directory, then rename it to ``model/`` (atomic)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=paths.root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the usual permissions
+    tmp = _temp_model_dir(paths)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -281,3 +336,12 @@ def _save_model(paths: ToyWorldPaths, model, tokenizer) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _temp_model_dir(paths: ToyWorldPaths) -> Path:
+    """A fresh ``.model.*.tmp`` directory under the world root, with the usual permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=paths.root))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
+    return tmp

@@ -50,9 +50,26 @@ class ToyWorldConfig:
     the pretraining mix; 0 leaves them out."""
 
     mcq_examples_per_fact: int = 0
-    """Letter-format MCQ examples per fact in the pretraining mix (0 leaves them out). Off by default:
-    with 2 per fact and 700 steps of 32x128 tokens the full model still answered letter-style MCQs
-    at chance (0.29), and the examples slowed the learning of the facts themselves."""
+    """Answered letter-format MCQs per forget/retain fact in the pretraining mix (0 leaves them out).
+    They never show an evaluation question: each asks with a paraphrase stem, not the evaluation's,
+    and with another distractor set."""
+
+    practice_entities: int = 0
+    """Invented plants in the third, never-evaluated "practice" domain (0: none). Their facts are
+    pretrained like the others', and their letter-format MCQs are meant to teach the format itself.
+    Off by default: no mix of these MCQ options tried so far (up to 1000 steps) lifted held-out
+    letter accuracy above chance; see "Letter format" in ``docs/toy-world-findings.md``."""
+
+    practice_mcq_per_fact: int = 0
+    """Answered letter-format MCQs per practice fact (each with its own stem, distractors, letter)."""
+
+    practice_context_mcq_per_fact: int = 0
+    """Answered letter-format MCQs per practice fact that state the fact on a line before the
+    question (reading comprehension: the easy form of the skill, a curriculum for the closed-book one)."""
+
+    mcq_answer_weight: float = 5.0
+    """Pretraining loss weight of the answer letter of each letter-format MCQ (its question and
+    choices are not trained on: three choices are false statements about the entity)."""
 
     vocab_size: int = 1024
     """Size of the byte-level BPE vocabulary trained on the corpora (256 bytes + merges + EOS)."""
@@ -98,12 +115,14 @@ class ToyWorldConfig:
             n = getattr(self, name)
             if not 4 <= n <= MAX_ENTITIES:
                 raise UserError(f"{name}={n}: give between 4 and {MAX_ENTITIES} entities")
+        if self.practice_entities and not 4 <= self.practice_entities <= MAX_ENTITIES:
+            raise UserError(f"practice_entities={self.practice_entities}: give 0 (none) or 4 to {MAX_ENTITIES}")
         if not 1 <= self.paraphrases <= MAX_PARAPHRASES:
             raise UserError(f"paraphrases={self.paraphrases}: give 1 to {MAX_PARAPHRASES}")
         for name in ("sentences_per_doc", "hidden_size", "num_layers", "num_heads", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be a positive integer")
-        for name in ("qa_per_fact", "mcq_examples_per_fact", "warmup_steps"):
+        for name in ("qa_per_fact", "mcq_examples_per_fact", "practice_mcq_per_fact", "practice_context_mcq_per_fact", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
         if not 300 <= self.vocab_size <= 65536:
@@ -112,6 +131,8 @@ class ToyWorldConfig:
             raise UserError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; change one")
         if self.seq_len < 64:
             raise UserError(f"seq_len={self.seq_len}: use at least 64 so every document fits in a row")
+        if not self.mcq_answer_weight >= 0:
+            raise UserError(f"mcq_answer_weight={self.mcq_answer_weight}: must be >= 0")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
             raise UserError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
 

@@ -119,13 +119,23 @@ def run_demo(opts: DemoOptions) -> dict:
                "letter": {"baseline": letter_base, "unlearned": letter_after},
                "tamper": [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p}
                           for p in attack["runs"][0]["curve"]] if attack else None,
-               "world": str(paths.root), "unlearn_run": str(run.root), "wall_s": None}
+               "world": str(paths.root), "world_model": _world_model(paths), "unlearn_run": str(run.root),
+               "wall_s": None}
     _say(opts, "6/6 report")
     write_demo_report(opts.out, summary, read_jsonl(run.metrics))
     summary["wall_s"] = round(time.time() - t0, 1)
     write_json(opts.out / "summary.json", summary)
     _say(opts, f"done in {summary['wall_s']:.0f}s: {opts.out / 'report.md'}")
     return summary
+
+
+def _world_model(paths) -> dict:
+    """Where the world's base model came from: shipped copy or pretrained here, seed, threads, weights hash."""
+    from sequnlearn.toyworld import load_world_info
+
+    info = load_world_info(paths.root)
+    return {"source": info.get("model_source"), "seed": info["seed"], "pretrain_threads": info.get("pretrain_threads"),
+            "weights_sha256": (info.get("model_sha256") or {}).get("model.safetensors")}
 
 
 def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
@@ -145,12 +155,12 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
              f"{_note(b, u)} |", "| Random chance | 0.2500 | 0.2500 | |", ""]
     if summary.get("letter"):
         lb, lu = summary["letter"]["baseline"], summary["letter"]["unlearned"]
-        text = (f"Letter format (A–D after the lettered choices, as the reference scores WMDP and MMLU): base "
-                f"forget {lb['forget_acc']:.4f} / retain {lb['retain_acc']:.4f}, unlearned forget "
-                f"{lu['forget_acc']:.4f} / retain {lu['retain_acc']:.4f}.")
+        lines += ["Letter format (lm-eval's WMDP/MMLU template: the lettered choices, then `Answer:` scored on "
+                  "\" A\"..\" D\"):", "", "| Model | Forget acc | Retain acc | Notes |", "|---|---|---|---|",
+                  f"| Base | {lb['forget_acc']:.4f} | {lb['retain_acc']:.4f} | |",
+                  f"| Unlearned | {lu['forget_acc']:.4f} | {lu['retain_acc']:.4f} | {_note(lb, lu)} |", ""]
         if lb["forget_acc"] < LETTER_USEFUL:
-            text += " The base model answers this format near chance, so only cloze accuracy can show the removal."
-        lines += [text, ""]
+            lines += ["The base model answers this format near chance, so only cloze accuracy can show the removal.", ""]
     lines += ["## After each phase", "", "| Phase | Layer | Forget acc | Retain acc |", "|---|---|---|---|"]
     lines += [f"| {p['phase'] + 1} | {p['layer']} | {p['forget_acc']:.4f} | {p['retain_acc']:.4f} |"
               for p in summary["phases"]]

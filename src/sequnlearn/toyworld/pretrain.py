@@ -34,7 +34,8 @@ def neox_config(config, vocab_size: int, eos_id: int):
                          bos_token_id=eos_id, pad_token_id=eos_id)
 
 
-def pack_rows(docs: list[list[int]], seq_len: int, eos_id: int, generator: torch.Generator) -> torch.Tensor:
+def pack_rows(docs: list[list[int]], seq_len: int, eos_id: int, generator: torch.Generator,
+              weights: list[list[float]] | None = None):
     """Shuffle tokenized documents and pack them whole (each followed by EOS) into rows.
 
     A document never straddles two rows, so every row starts at the start of a document, as an
@@ -45,46 +46,83 @@ def pack_rows(docs: list[list[int]], seq_len: int, eos_id: int, generator: torch
         seq_len: row length.
         eos_id: id appended after each document.
         generator: seeded source of the shuffle.
+        weights: optional loss weight of each document token (same lengths as ``docs``); the
+            appended EOS gets weight 1, padding 0.
 
     Returns:
-        ``(R, seq_len)`` int64 tensor; padding positions hold ``IGNORE``.
+        ``(R, seq_len)`` int64 tensor; padding positions hold ``IGNORE``. With ``weights``, a pair:
+        that tensor and the ``(R, seq_len)`` float weights packed the same way.
     """
     rows: list[list[int]] = []
+    wrows: list[list[float]] = []
     current: list[int] = []
+    wcurrent: list[float] = []
     for i in torch.randperm(len(docs), generator=generator).tolist():
         piece = docs[i] + [eos_id]
         if len(current) + len(piece) > seq_len:
             rows.append(current)
-            current = []
+            wrows.append(wcurrent)
+            current, wcurrent = [], []
         current.extend(piece)
+        wcurrent.extend((weights[i] if weights is not None else [1.0] * len(docs[i])) + [1.0])
     rows.append(current)
+    wrows.append(wcurrent)
     out = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)  # (R, T)
-    for r, row in enumerate(rows):
+    wout = torch.zeros((len(rows), seq_len))  # (R, T)
+    for r, (row, wrow) in enumerate(zip(rows, wrows)):
         out[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+        wout[r, : len(wrow)] = torch.tensor(wrow)
+    return out if weights is None else (out, wout)
 
 
-def batches(docs: list[list[int]], config, eos_id: int, generator: torch.Generator):
-    """Yield ``(input_ids, labels)`` batches forever, repacking the documents each epoch.
+def batches(docs: list[list[int]], config, eos_id: int, generator: torch.Generator,
+            weights: list[list[float]] | None = None):
+    """Yield ``(input_ids, labels, weights)`` batches forever, repacking the documents each epoch.
 
     Args:
         docs: token ids of each document (without EOS).
         config: a :class:`~sequnlearn.toyworld.config.ToyWorldConfig` (``seq_len``, ``batch_size``).
         eos_id: id appended after each document and used as padding input.
         generator: seeded source of the shuffles.
+        weights: optional per-token loss weights of ``docs`` (default: all 1).
 
     Yields:
-        ``input_ids`` ``(B, T)`` with padding replaced by EOS, and ``labels`` ``(B, T)`` with
-        ``IGNORE`` at padding.
+        ``input_ids`` ``(B, T)`` with padding replaced by EOS, ``labels`` ``(B, T)`` with
+        ``IGNORE`` at padding, and the float loss ``weights`` ``(B, T)`` of each label (0 at padding).
     """
+    weights = weights if weights is not None else [[1.0] * len(d) for d in docs]
+
+    def pack():
+        return pack_rows(docs, config.seq_len, eos_id, generator, weights)
+
     while True:
-        rows = pack_rows(docs, config.seq_len, eos_id, generator)  # (R, T)
+        rows, wrows = pack()  # (R, T), (R, T)
         while len(rows) < config.batch_size:  # a corpus smaller than one batch: several epochs per batch
-            rows = torch.cat([rows, pack_rows(docs, config.seq_len, eos_id, generator)])
-        rows = rows[torch.randperm(len(rows), generator=generator)]
+            more, wmore = pack()
+            rows, wrows = torch.cat([rows, more]), torch.cat([wrows, wmore])
+        order = torch.randperm(len(rows), generator=generator)
+        rows, wrows = rows[order], wrows[order]
         for start in range(0, len(rows) - config.batch_size + 1, config.batch_size):
             labels = rows[start:start + config.batch_size]  # (B, T)
-            yield labels.masked_fill(labels == IGNORE, eos_id), labels
+            yield labels.masked_fill(labels == IGNORE, eos_id), labels, wrows[start:start + config.batch_size]
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy, each target weighted: ``sum(w * ce) / sum(w)``.
+
+    Args:
+        logits: ``(B, T, V)`` model outputs.
+        labels: ``(B, T)`` token ids, ``IGNORE`` at padding.
+        weights: ``(B, T)`` weight of predicting each label (0 at padding and untrained tokens).
+
+    Returns:
+        The scalar loss; with all weights 1 it is the usual mean next-token loss.
+    """
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets,
+                                           ignore_index=IGNORE, reduction="none")
+    w = weights[:, 1:].reshape(-1) * (targets != IGNORE)
+    return (ce * w).sum() / w.sum().clamp_min(1e-8)
 
 
 def lr_factor(step: int, config) -> float:
@@ -134,7 +172,7 @@ def _idle_cores(interval: float = 0.25) -> float | None:
 
 
 def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, progress: bool = True,
-             threads: int | None = None):
+             threads: int | None = None, weights: list[list[float]] | None = None):
     """Train a fresh GPT-NeoX model on packed documents with a next-token loss.
 
     Args:
@@ -145,6 +183,7 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
         progress: show a tqdm bar with the running loss.
         threads: torch CPU threads while training (restored afterwards); ``None``: see
             :func:`auto_threads`.
+        weights: per-token loss weights of ``docs`` (default all 1; see :func:`weighted_lm_loss`).
 
     Returns:
         ``(model, log)``: the trained ``GPTNeoXForCausalLM`` in eval mode, and one dict per step
@@ -160,12 +199,13 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or auto_threads())
     try:
-        return _train(docs, config, vocab_size, eos_id, progress)
+        return _train(docs, config, vocab_size, eos_id, progress, weights)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress: bool):
+def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress: bool,
+           weights: list[list[float]] | None):
     """The training loop of :func:`pretrain` (seeded init, AdamW, warmup + cosine, clip 1.0)."""
     from tqdm.auto import tqdm
     from transformers import GPTNeoXForCausalLM
@@ -174,12 +214,12 @@ def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress
     model = GPTNeoXForCausalLM(neox_config(config, vocab_size, eos_id)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
-    data = batches(docs, config, eos_id, torch.Generator().manual_seed(config.seed))
+    data = batches(docs, config, eos_id, torch.Generator().manual_seed(config.seed), weights)
     log, start = [], time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        input_ids, labels = next(data)  # (B, T), (B, T)
-        loss = model(input_ids=input_ids, labels=labels).loss
+        input_ids, labels, weights_bt = next(data)  # (B, T) each
+        loss = weighted_lm_loss(model(input_ids=input_ids).logits, labels, weights_bt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

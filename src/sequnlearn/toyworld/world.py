@@ -41,7 +41,12 @@ class Attribute:
     @property
     def stem(self) -> str:
         """The canonical template up to the value, with ``{entity}`` still to fill in."""
-        return self.templates[0].split(" {value}")[0]
+        return self.stems[0]
+
+    @property
+    def stems(self) -> tuple[str, ...]:
+        """Every template up to the value (a question stem per paraphrase), ``{entity}`` unfilled."""
+        return tuple(t.split(" {value}")[0] for t in self.templates)
 
 
 @dataclass(frozen=True)
@@ -141,7 +146,49 @@ RETAIN = Domain(
     ),
 )
 
+PRACTICE = Domain(
+    name="practice",
+    kind="plant",
+    onsets=("Amb", "Bel", "Cyr", "Dal", "Elm", "Fir", "Gin", "Hol", "Iv", "Jas",
+            "Lav", "Myr", "Nar", "Olv", "Pet", "Quin", "Sag", "Tul", "Umb", "Wis"),
+    middles=("a", "e", "i", "o", "u", "an", "el", "ir", "os", "um"),
+    suffixes=("wort", "leaf", "bloom", "thorn", "root", "seed", "moss", "vine"),
+    attributes=(
+        Attribute("flower_color",
+                  ("red", "blue", "yellow", "white", "purple", "orange", "pink", "green"),
+                  ("The flowers of {entity} are {value}.",
+                   "In spring {entity} opens flowers that are {value}.",
+                   "Gardeners know {entity} by its petals, which are {value}.",
+                   "When it blooms, {entity} turns whole hillsides {value}.")),
+        Attribute("habitat",
+                  ("marshes", "deserts", "mountain slopes", "riverbanks", "pine forests", "sea cliffs",
+                   "meadows", "caves"),
+                  ("The natural habitat of {entity} is {value}.",
+                   "{entity} grows wild in {value}.",
+                   "Botanists collect {entity} in {value}.",
+                   "Hikers often find {entity} in {value}.")),
+        Attribute("use",
+                  ("rope", "tea", "dye", "medicine", "paper", "perfume", "soap", "baskets"),
+                  ("The main use of {entity} is {value}.",
+                   "Farmers grow {entity} to make {value}.",
+                   "{entity} is mostly harvested for {value}.",
+                   "Most of the {entity} crop ends up as {value}.")),
+        Attribute("bloom_month",
+                  ("March", "April", "May", "June", "July", "August", "September", "October"),
+                  ("The flowering month of {entity} is {value}.",
+                   "{entity} blooms in {value}.",
+                   "Each year the first buds of {entity} open in {value}.",
+                   "Beekeepers know that {entity} flowers in {value}.")),
+    ),
+)
+"""The third domain ("practice"): invented plants whose letter-format MCQs teach the format in
+pretraining. The evaluation never asks about it, so the letter skill is learnt without showing
+the model any evaluation question."""
+
 DOMAINS: dict[str, Domain] = {FORGET.name: FORGET, RETAIN.name: RETAIN}
+"""The evaluated domains (corpora and MCQ files on disk); :data:`PRACTICE` is pretraining-only."""
+
+ALL_DOMAINS: dict[str, Domain] = {**DOMAINS, PRACTICE.name: PRACTICE}
 
 
 def entity_names(domain: Domain, n: int, seed: int) -> list[str]:
@@ -191,7 +238,7 @@ def make_facts(domain: Domain, n_entities: int, seed: int) -> list[Fact]:
 
 def attribute(fact: Fact) -> Attribute:
     """The :class:`Attribute` a fact is about."""
-    return next(a for a in DOMAINS[fact.domain].attributes if a.name == fact.attribute)
+    return next(a for a in ALL_DOMAINS[fact.domain].attributes if a.name == fact.attribute)
 
 
 def render(fact: Fact, template: str) -> str:
@@ -275,29 +322,45 @@ def letter_prompt(question: str, choices: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def make_mcq_examples(facts: list[Fact], held_out: list[dict], per_fact: int, seed: int) -> list[str]:
-    """Letter-format MCQ texts with answers, for pretraining; never the held-out option lists.
+def make_mcq_examples(facts: list[Fact], held_out: list[dict] | None, per_fact: int, seed: int,
+                      in_context: bool = False) -> list[str]:
+    """Answered letter-format MCQs for pretraining that never repeat an evaluation question.
+
+    With ``held_out`` (the evaluation records of an evaluated domain) every example asks the fact
+    with a paraphrase stem, never the evaluation's canonical stem, and with a distractor *set*
+    other than the evaluation's (so neither the question text nor its options were seen). Without
+    it (the practice domain, never evaluated) every stem may be used. Correct letters are dealt
+    from a shuffled, balanced deck, so no letter is a better guess than another.
 
     Args:
         facts: facts of one domain.
-        held_out: the evaluation records of the same facts (same order); their exact choice lists
-            are never used here, so evaluation always shows a fresh order and distractor set.
-        per_fact: examples per fact.
+        held_out: the evaluation records of the same facts (same order), or None.
+        per_fact: examples per fact (each with its own stem, distractors and order).
         seed: master seed.
+        in_context: state the fact (in another paraphrase than the question's) on a line before
+            the question: the reading-comprehension form of the skill, learnt first and fastest
+            (the answer can be found by matching the context), which the closed-book form reuses.
 
     Returns:
-        ``len(facts) * per_fact`` texts ending in ``"Answer: X"``.
+        ``len(facts) * per_fact`` texts ``letter_prompt(...) + " X"``.
     """
     domain = facts[0].domain if facts else "empty"
-    rng = random.Random(f"{seed}/pretrain-mcq/{domain}")
+    rng = random.Random(f"{seed}/pretrain-mcq{'-context' if in_context else ''}/{domain}")
+    letters = [i % len(LETTERS) for i in range(len(facts) * per_fact)]
+    rng.shuffle(letters)
     texts = []
-    for fact, record in zip(facts, held_out, strict=True):
-        for _ in range(per_fact):
-            choices = record["choices"]
-            while choices == record["choices"]:
-                answer = rng.randrange(len(LETTERS))
+    for k, fact in enumerate(facts):
+        stems = attribute(fact).stems[1:] if held_out is not None else attribute(fact).stems
+        banned = frozenset(held_out[k]["choices"]) if held_out is not None else None
+        for n in range(per_fact):
+            answer = letters[k * per_fact + n]
+            choices = mcq_choices(fact, rng, answer)
+            while frozenset(choices) == banned:
                 choices = mcq_choices(fact, rng, answer)
-            texts.append(f"{letter_prompt(mcq_question(fact), choices)} {LETTERS[answer]}")
+            stem = (k + n) % len(stems)
+            question = stems[stem].format(entity=fact.entity)
+            context = render(fact, attribute(fact).templates[(stem + 1) % len(stems)]) + "\n" if in_context else ""
+            texts.append(f"{context}{letter_prompt(question, choices)} {LETTERS[answer]}")
     return texts
 
 
@@ -306,7 +369,7 @@ class World:
     """Everything textual about a toy world, generated from its config."""
 
     facts: dict[str, list[Fact]]
-    """Facts per domain name (``forget``, ``retain``)."""
+    """Facts per domain name (``forget``, ``retain``, and ``practice`` when the world has one)."""
 
     corpora: dict[str, list[str]]
     """Documents per domain name."""
@@ -315,8 +378,9 @@ class World:
     """Evaluation MCQ records per domain name (one per fact, same order as ``facts``)."""
 
     pretrain: list[dict]
-    """The shuffled pretraining mix: ``{"text", "source"}`` with source ``forget``, ``retain``,
-    ``qa_forget``, ``qa_retain``, ``mcq_forget`` or ``mcq_retain``. Fact sentences come one per entry (not grouped as in
+    """The shuffled pretraining mix: ``{"text", "source"}`` with source ``forget``, ``retain`` or
+    ``practice`` (fact sentences), ``qa_<domain>`` (answered cloze questions) or ``mcq_<domain>``
+    (answered letter-format MCQs). Fact sentences come one per entry (not grouped as in
     ``corpora``): the packer then gives each a fresh context every epoch, so the model must learn
     entity → value rather than memorise a fixed document."""
 
@@ -330,15 +394,26 @@ def generate_world(config) -> World:
     Returns:
         The :class:`World`; the same config always gives an equal world.
     """
-    counts = {FORGET.name: config.forget_entities, RETAIN.name: config.retain_entities}
     facts, corpora, mcqs, mix = {}, {}, {}, []
     for name, domain in DOMAINS.items():
-        facts[name] = make_facts(domain, counts[name], config.seed)
+        facts[name] = make_facts(domain, getattr(config, f"{name}_entities"), config.seed)
         corpora[name] = make_corpus(facts[name], config.paraphrases, config.sentences_per_doc, config.seed)
         mcqs[name] = make_mcqs(facts[name], config.seed)
         examples = make_mcq_examples(facts[name], mcqs[name], config.mcq_examples_per_fact, config.seed)
-        mix += [{"text": t, "source": name} for t in make_sentences(facts[name], config.paraphrases)]
-        mix += [{"text": qa_text(f), "source": f"qa_{name}"} for f in facts[name] for _ in range(config.qa_per_fact)]
-        mix += [{"text": t, "source": f"mcq_{name}"} for t in examples]
+        mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
+    if config.practice_entities:
+        name = PRACTICE.name
+        facts[name] = make_facts(PRACTICE, config.practice_entities, config.seed)
+        examples = make_mcq_examples(facts[name], None, config.practice_mcq_per_fact, config.seed)
+        examples += make_mcq_examples(facts[name], None, config.practice_context_mcq_per_fact, config.seed,
+                                      in_context=True)
+        mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
     random.Random(f"{config.seed}/pretrain-mix").shuffle(mix)
     return World(facts=facts, corpora=corpora, mcqs=mcqs, pretrain=mix)
+
+
+def _fact_mix(facts: list[Fact], config) -> list[dict]:
+    """Pretraining entries stating ``facts``: one per sentence of each paraphrase, and the answered questions."""
+    name = facts[0].domain
+    return ([{"text": t, "source": name} for t in make_sentences(facts, config.paraphrases)]
+            + [{"text": qa_text(f), "source": f"qa_{name}"} for f in facts for _ in range(config.qa_per_fact)])
