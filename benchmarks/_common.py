@@ -30,6 +30,8 @@ SHAPES: dict[str, dict[str, int]] = {
                   vocab_size=8192),
     "pythia-1b": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8, intermediate_size=8192,
                       vocab_size=50304),
+    "deep-ignorance-6.9b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
+                                intermediate_size=16384, vocab_size=50304),  # the reference's model (6.86B)
 }
 RESULTS = Path(__file__).parent / "results"
 

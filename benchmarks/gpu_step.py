@@ -1,16 +1,20 @@
 """Naive vs sequnlearn unlearning step on a GPU: tokens/s, MFU and the largest batch that fits (bf16).
 
 The model is a randomly initialised GPT-NeoX of Pythia-1B's shape (16 layers, hidden 2048, vocab
-50304) in bf16, max length 2048; the two variants and the batches are those of
-``unlearn_step.py`` (naive: deep-copied original, full forwards, padding to max length;
-sequnlearn: ``Unlearner.optimizer_step``), without gradient checkpointing in either. For each
-variant the per-device batch size doubles from 1 until the GPU runs out of memory; every batch
+50304; ``--shape deep-ignorance-6.9b`` for the reference's 6.86B) in bf16, max length 2048; the two
+variants and the batches are those of ``unlearn_step.py`` (naive: deep-copied original, full
+forwards, padding to max length; sequnlearn: ``Unlearner.optimizer_step``), with gradient
+checkpointing in both or in neither (``--checkpointing``). For each variant the per-device batch size doubles from 1 until the GPU runs out of memory; every batch
 size that fits is timed (median of the measured steps). MFU counts the FLOPs the method needs on
 the real tokens (the same count for both variants, see :func:`useful_flops`) against the GPU's
 dense bf16 peak.
 
     python benchmarks/gpu_step.py                        # realistic lengths, L2 and KL
     python benchmarks/gpu_step.py --lengths fixed --retain l2 --max-batch 16
+    # the reference's shape: 6.86B GPT-NeoX, gradient checkpointing, forget rows of 2048 tokens and
+    # lognormal retain rows (one command, about 5 minutes on an H200)
+    python benchmarks/gpu_step.py --shape deep-ignorance-6.9b --checkpointing --lengths reference \
+        --retain l2 --max-batch 4 --steps 2 --warmup 1
 
 Needs a CUDA GPU: on a machine without one it stops with a message (exit status 2). Writes JSON
 to ``benchmarks/results/gpu_step.json`` (or ``--json``).
@@ -33,7 +37,6 @@ import torch  # noqa: E402
 from _common import RESULTS, SHAPES, Worker, gpt_neox, median, mib, serve  # noqa: E402
 from unlearn_step import Naive, Setup, engine_runner, make_batches  # noqa: E402
 
-SHAPE = "pythia-1b"
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
@@ -45,7 +48,8 @@ def peak_flops(override: float | None) -> float | None:
     return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
-def useful_flops(batch: tuple[list[list[int]], list[list[int]]], layer_count: int, retain: str) -> float:
+def useful_flops(batch: tuple[list[list[int]], list[list[int]]], layer_count: int, retain: str,
+                 shape: str = "pythia-1b") -> float:
     """FLOPs the method needs for one step on the real tokens of ``batch`` (forget, retain).
 
     Per token a linear layer of P weights costs 2P forward and 2P backward (input gradients only: the
@@ -54,7 +58,7 @@ def useful_flops(batch: tuple[list[list[int]], list[list[int]]], layer_count: in
     forward and backward. Retain: original and current forward plus current backward, through the
     head too for KL.
     """
-    c = SHAPES[SHAPE]
+    c = SHAPES[shape]
     D, V = c["hidden_size"], c["vocab_size"]
     p_layer = 4 * D * D + 2 * D * c["intermediate_size"]
 
@@ -85,7 +89,7 @@ def try_batch(s: Setup) -> dict:
             rows.append({"seconds": time.perf_counter() - start, "forget_loss": line["forget_loss"],
                          "retain_loss": line["retain_loss"],
                          "real_tokens": sum(len(q) for part in batch for q in part),
-                         "flops": useful_flops(batch, SHAPES[s.shape]["num_hidden_layers"], s.retain)})
+                         "flops": useful_flops(batch, SHAPES[s.shape]["num_hidden_layers"], s.retain, s.shape)})
     except torch.cuda.OutOfMemoryError:
         return {"batch_size": s.batch_size, "oom": True}
     finally:
@@ -169,7 +173,9 @@ def report(runs: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Check for a GPU, measure every requested setting, write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", choices=["realistic", "fixed", "both"], default="realistic")
+    p.add_argument("--shape", choices=list(SHAPES), default="pythia-1b")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both variants")
+    p.add_argument("--lengths", choices=["realistic", "fixed", "reference", "both"], default="realistic")
     p.add_argument("--retain", choices=["l2", "kl", "both"], default="both")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--max-batch", type=int, default=64, help="largest per-device batch size tried")
@@ -187,9 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         msg = json.loads(args.worker)
         worker(Setup(**msg["setup"]), msg["max_batch"])
         return
-    depth = SHAPES[SHAPE]["num_hidden_layers"]
-    base = Setup("", SHAPE, "", "", depth * 22 // 32, 1, args.max_length, args.max_length // 8, 1.0, args.steps,
-                 args.warmup, 0, "cuda", 0)
+    depth = SHAPES[args.shape]["num_hidden_layers"]
+    base = Setup("", args.shape, "", "", depth * 22 // 32, 1, args.max_length, args.max_length // 8, 1.0, args.steps,
+                 args.warmup, 0, "cuda", 0, args.checkpointing)
     peak = peak_flops(args.peak_tflops)
     settings = [(ln, rt) for ln in (["realistic", "fixed"] if args.lengths == "both" else [args.lengths])
                 for rt in (["l2", "kl"] if args.retain == "both" else [args.retain])]
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     report(runs)
     from sequnlearn.runs import write_json
 
-    write_json(args.json, {"benchmark": "gpu_step", "shape": SHAPE, "config": SHAPES[SHAPE],
+    write_json(args.json, {"benchmark": "gpu_step", "shape": args.shape, "config": SHAPES[args.shape],
                            "device": torch.cuda.get_device_name(), "peak_flops": peak, "setup": asdict(base),
                            "torch": torch.__version__, "runs": runs})
     print(f"wrote {args.json}", file=sys.stderr)

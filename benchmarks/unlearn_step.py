@@ -83,6 +83,7 @@ class Setup:
     seed: int
     device: str
     threads: int
+    checkpointing: bool = False
 
 
 # ---------------------------------------------------------------------- data and model
@@ -91,12 +92,14 @@ class Setup:
 def make_batches(s: Setup) -> list[Batch]:
     """The seeded (forget, retain) micro-batches of all warm-up and measured steps."""
     gen = torch.Generator().manual_seed(s.seed)
-    sigma = s.sigma if s.lengths == "realistic" else 0.0
+    # realistic: lognormal lengths; fixed: every row max_len; reference: forget rows of max_len (the
+    # reference's forget documents are all longer), retain lognormal
+    sigmas = {"realistic": (s.sigma, s.sigma), "fixed": (0.0, 0.0), "reference": (0.0, s.sigma)}[s.lengths]
     vocab = SHAPES[s.shape]["vocab_size"]
     out = []
     for _ in range(s.warmup + s.steps):
         pair = [random_sequences(sequence_lengths(s.batch_size, s.max_len, median=s.median_len, sigma=sigma,
-                                                  gen=gen), vocab, gen) for _ in range(2)]
+                                                  gen=gen), vocab, gen) for sigma in sigmas]
         out.append((pair[0], pair[1]))
     return out
 
@@ -132,7 +135,7 @@ def unlearn_config(s: Setup) -> UnlearnConfig:
     n = s.batch_size * (s.warmup + s.steps)
     return UnlearnConfig(model="benchmark", layers=[s.layer], retain_loss=s.retain, lora_dropout=0.0,
                          per_device_batch_size=s.batch_size, global_batch_size=s.batch_size, num_train_examples=n,
-                         max_length=s.max_len, seed=s.seed, gradient_checkpointing=False)
+                         max_length=s.max_len, seed=s.seed, gradient_checkpointing=s.checkpointing)
 
 
 # ---------------------------------------------------------------------- the two variants
@@ -150,6 +153,9 @@ class Naive:
         torch.manual_seed(s.seed)  # the engine seeds the same way before it adds the adapter
         self.model = lora.add_lora(model, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha, dropout=0.0,
                                    target_modules=self.cfg.target_modules).eval()
+        if s.checkpointing:  # HF recomputes layers in backward in train mode (no dropout here: all 0)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.train()
         perturb_lora(self.model, s.seed)
         self.cur_arch, self.orig_arch = architecture(self.model), architecture(self.original)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -378,7 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--median-length", type=int, help="median of the realistic length mix (default max/8)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-space spread of the realistic length mix")
     p.add_argument("--layer", type=int, help="target layer (default: 22/32 of the depth, the reference's mean)")
-    p.add_argument("--lengths", choices=["realistic", "fixed", "both"], default="both")
+    p.add_argument("--lengths", choices=["realistic", "fixed", "reference", "both"], default="both")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both variants")
     p.add_argument("--retain", choices=["l2", "kl", "both"], default="both")
     p.add_argument("--steps", type=int, default=3, help="measured steps per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
@@ -402,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     base = Setup("", shape, "", "", args.layer if args.layer is not None else depth * 22 // 32, args.batch_size,
                  max_len, args.median_length or max_len // 8, args.sigma, args.steps, args.warmup, args.seed, device,
-                 args.threads)
+                 args.threads, args.checkpointing)
     rtol, atol = (1e-4, 1e-6) if device == "cpu" else (3e-2, 1e-3)  # fp32 vs bf16
     both = {"lengths": ["realistic", "fixed"], "retain": ["l2", "kl"]}
     settings = [(ln, rt) for ln in (both["lengths"] if args.lengths == "both" else [args.lengths])

@@ -19,9 +19,10 @@ with the shipped config writes the text files and copies it, in seconds; ``pretr
 (``--pretrain``) trains it instead, bit for bit the same on the same torch version and CPU kind.
 
 Caching: ``world.json`` is written only after everything else, so its presence marks a finished
-build. A second call with an equal config returns at once. A different config (or an older world
-format) in the same directory is an error unless ``overwrite=True``, which deletes the files listed
-above (and nothing else in the directory) and rebuilds. A directory without ``world.json`` is built
+build. A second call with an equal config returns at once; a world of the same config in an older
+world format (built by older code) is rebuilt. A different config in the same directory is an error
+unless ``overwrite=True``, which deletes the files listed above (and nothing else in the directory)
+and rebuilds. A directory without ``world.json`` is built
 into only when it is empty or holds nothing but the remains of an interrupted build.
 """
 
@@ -136,8 +137,8 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
         The :class:`ToyWorldPaths` of the finished world.
 
     Raises:
-        UserError: ``out_dir`` is a file; it holds a world built with another config (or an
-            older world format) and ``overwrite`` is false; or it holds files that are not a toy
+        UserError: ``out_dir`` is a file; it holds a world built with another config and
+            ``overwrite`` is false; or it holds files that are not a toy
             world's (nothing there is ever deleted unless it is the world's own).
     """
     config = config if config is not None else ToyWorldConfig()
@@ -195,13 +196,12 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool, pretr
     same = info.get("format") == WORLD_FORMAT and info.get("config") == config.to_dict()
     if same and paths.is_complete():
         return not (pretrain and info.get("model_source") == "shipped")
-    if not same and not overwrite:
-        old = info.get("config") or {}
-        diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
-        what = f"a different config (differs in {', '.join(diff)})" if diff else f"world format {info.get('format')} (now {WORLD_FORMAT})"
-        raise UserError(f"{paths.root} holds a toy world built with {what}; pick another --out, "
-                        "or pass --overwrite (overwrite=True) to rebuild it")
-    return False
+    old = info.get("config") or {}
+    diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
+    if diff and not overwrite:  # the user's world with another config: not ours to replace
+        raise UserError(f"{paths.root} holds a toy world built with a different config (differs in "
+                        f"{', '.join(diff)}); pick another --out, or pass --overwrite (overwrite=True) to rebuild it")
+    return False  # same config, older world format (a cache of older code) or unfinished: rebuilt
 
 
 _OWN_NAMES = {"world.json", "facts.json", "pretrain_log.jsonl", "corpus", "mcq", "model"}
