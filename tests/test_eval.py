@@ -275,3 +275,12 @@ def test_cli_unreachable_hub_task(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     err = _cli_error(["eval", str(model_dir), "--tasks", "wmdp_bio"], capsys)
     assert "task wmdp_bio is not reachable on the hub" in err and "--data-dir" in err and "wmdp_bio.jsonl" in err
+
+
+def test_chance_level_follows_the_number_of_choices():
+    from sequnlearn.data.mcq import MCQRecord, MCQSubtask, MCQTask
+    from sequnlearn.eval import chance_level
+
+    records = [MCQRecord("q", ["a", "b"], 0), MCQRecord("q", ["a", "b", "c", "d"], 1)]
+    task = MCQTask("t", [MCQSubtask("t", records)], "t")
+    assert chance_level(task) == pytest.approx((1 / 2 + 1 / 4) / 2)

@@ -54,6 +54,7 @@ def test_each_point_is_a_run_directory_and_finished_points_are_skipped(swept, sw
             assert (run / f).exists(), f
         ev = json.loads((run / "eval.json").read_text())
         assert 0 <= ev["forget_acc"] <= 1 and ev["point"]["remove_coef"] in (10, 50)
+        assert ev["forget_chance"] == pytest.approx(0.25)  # results carry their chance level
     assert json.loads((swept / "baseline" / "eval.json").read_text())["baseline"] is True
     before = (swept / "remove_coef=10" / "eval.json").stat().st_mtime_ns
     main(["sweep", str(sweep_file), "--out", str(swept.parent), "--only", "0"])

@@ -10,6 +10,9 @@ from pathlib import Path
 
 from sequnlearn.runs import atomic_path, atomic_write_text
 
+CHANCE_4WAY = 0.25
+"""Chance accuracy of a four-way multiple-choice task, for results that do not carry their own."""
+
 
 def _pyplot():
     import matplotlib
@@ -106,7 +109,7 @@ def _shade_phases(ax, metrics: list[dict]) -> None:
                 fontsize=8)
 
 
-def plot_phase_accuracy(points: list[dict], path: Path, *, chance: float = 0.25) -> None:
+def plot_phase_accuracy(points: list[dict], path: Path, *, chance: float = CHANCE_4WAY) -> None:
     """Forget and retain accuracy after each phase (``points``: ``{label, forget_acc, retain_acc}``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -166,7 +169,7 @@ def _layers(cfg: dict) -> str:
     return f"{cfg['layer_start']}→{cfg['layer_end']} (step {cfg['layer_step']})"
 
 
-def annotate(runs: list[dict], chance: float = 0.25) -> list[str]:
+def annotate(runs: list[dict], chance: float = CHANCE_4WAY) -> list[str]:
     """Notes per run: below random, retain collapsed, best per retain loss (lowest forget, retain intact)."""
     notes = [[] for _ in runs]
     for i, r in enumerate(runs):
@@ -183,7 +186,7 @@ def annotate(runs: list[dict], chance: float = 0.25) -> list[str]:
     return ["; ".join(n) for n in notes]
 
 
-def table_rows(runs: list[dict], chance: float = 0.25) -> list[dict]:
+def table_rows(runs: list[dict], chance: float = CHANCE_4WAY) -> list[dict]:
     """One row per run in the reference's columns."""
     notes = annotate(runs, chance)
     rows = []
@@ -234,7 +237,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: float = 0.25) -> None:
+def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: float = CHANCE_4WAY) -> None:
     """Forget vs retain accuracy scatter with the Pareto front, baseline and chance lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
@@ -262,7 +265,7 @@ def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: f
     _save(fig, path)
 
 
-def plot_forget_vs_remove(rows: list[dict], path: Path, chance: float = 0.25) -> None:
+def plot_forget_vs_remove(rows: list[dict], path: Path, chance: float = CHANCE_4WAY) -> None:
     """Forget accuracy against remove_coef, one line per (retain loss, retain_coef)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
@@ -308,6 +311,12 @@ def _distinct_baselines(baselines: list[dict]) -> list[dict]:
     return out
 
 
+def chance_of(runs: list[dict]) -> float:
+    """The forget task's chance level the runs' ``eval.json`` carry (4-way when none says)."""
+    levels = {round(r["eval"]["forget_chance"], 6) for r in runs if r["eval"].get("forget_chance") is not None}
+    return levels.pop() if len(levels) == 1 else CHANCE_4WAY
+
+
 def write_report(dirs: list[Path], out: Path) -> dict:
     """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written."""
     from sequnlearn.errors import UserError
@@ -319,12 +328,13 @@ def write_report(dirs: list[Path], out: Path) -> dict:
         raise UserError(f"no finished runs (config.yaml + eval.json) under {', '.join(map(str, dirs))}; run a sweep first")
     tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]  # all read before any write
     out.mkdir(parents=True, exist_ok=True)
-    rows = table_rows(runs)
+    chance = chance_of(runs)
+    rows = table_rows(runs, chance)
     md = markdown_table(rows, baselines)
     atomic_write_text(out / "report.md", "# Sweep report\n\n" + md)
     atomic_write_text(out / "report.csv", csv_text(rows))
-    plot_tradeoff(rows, baselines, out / "tradeoff.png")
-    plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png")
+    plot_tradeoff(rows, baselines, out / "tradeoff.png", chance)
+    plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png", chance)
     plot_sweep_losses(runs, out / "losses.png")
     written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"]
     if tampers:

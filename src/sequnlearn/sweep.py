@@ -132,20 +132,19 @@ def load_sweep(name_or_file: str) -> Sweep:
 
 def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
     """Forget (and retain) accuracy of a saved model: the content of a point's ``eval.json``."""
-    from sequnlearn.eval import evaluate
+    from sequnlearn.eval import forget_retain_accuracy
     from sequnlearn.model.load import load_model
 
     model, tok = load_model(model_path)
-    tasks = {k: ev[f"{k}_task"] for k in ("forget", "retain") if ev.get(f"{k}_task")}
-    res = evaluate(model, tok, list(tasks.values()), style=ev.get("style", "letter"), limit=ev.get("limit"),
-                   batch_size=ev.get("batch_size", 16), num_fewshot=ev.get("num_fewshot", 0))
-    out: dict[str, Any] = {"style": res["style"], "tasks": {}}
-    for key, name in tasks.items():
-        summary = {k: v for k, v in res["tasks"][name].items() if k != "predictions"}
-        out[f"{key}_acc"] = summary["acc"]
-        out[f"{key}_task"] = name
-        out["tasks"][name] = summary
-    return out
+    return forget_retain_accuracy(model, tok, eval_spec(ev))
+
+
+def eval_spec(ev: dict[str, Any]):
+    """The :class:`~sequnlearn.eval.EvalSpec` of a sweep file's ``eval`` mapping."""
+    from sequnlearn.eval import EvalSpec
+
+    return EvalSpec(ev["forget_task"], ev.get("retain_task"), ev.get("style", "letter"), ev.get("limit"),
+                    ev.get("batch_size", 16), ev.get("num_fewshot", 0))
 
 
 def check_inputs(sweep: Sweep) -> None:

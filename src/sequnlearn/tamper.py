@@ -115,18 +115,11 @@ def _evaluate(model, tokenizer, cfg: TamperConfig, tasks: dict, proc: Process, s
 
 
 def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
-    from sequnlearn.eval import evaluate
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
 
-    out = {}
-    for key, task in tasks.items():
-        res = evaluate(model, tokenizer, [task], style=cfg.eval_style, limit=cfg.eval_limit,
-                       batch_size=cfg.eval_batch_size, progress=False)
-        (summary,) = res["tasks"].values()
-        acc = summary["acc"]
-        if acc is None or not math.isfinite(acc):
-            raise RuntimeError(f"the {key} evaluation returned no accuracy ({acc!r}); the attack stops here")
-        out[f"{key}_acc"] = acc
-    return out
+    spec = EvalSpec(tasks["forget"], tasks.get("retain"), cfg.eval_style, cfg.eval_limit, cfg.eval_batch_size)
+    res = forget_retain_accuracy(model, tokenizer, spec)
+    return {f"{key}_acc": res[f"{key}_acc"] for key in tasks}
 
 
 def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict, texts: list[str],
@@ -236,6 +229,7 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
         The ``tamper.json`` content.
     """
     from sequnlearn.data.mcq import load_task
+    from sequnlearn.eval import chance_level
     from sequnlearn.report import plot_tamper, tamper_table
 
     tasks = {"forget": load_task(cfg.forget_task)}
@@ -245,7 +239,7 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     proc = proc or Process.current()
     main = proc.is_main
     t0, runs = time.time(), []
-    result = {"config": asdict(cfg), "baseline": baseline, "chance": _chance(tasks["forget"]), "runs": runs}
+    result = {"config": asdict(cfg), "baseline": baseline, "chance": chance_level(tasks["forget"]), "runs": runs}
     for label, load in models.items():
         for lr in cfg.lrs:
             for seed in cfg.seeds:
@@ -260,9 +254,3 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
         plot_tamper(result, out / "tamper.png")
         atomic_write_text(out / "tamper.md", tamper_table(result))
     return result
-
-
-def _chance(task) -> float:
-    """Random-chance accuracy of a task: mean of 1/len(choices)."""
-    records = [r for sub in task.subtasks for r in sub.records]
-    return sum(1 / len(r.choices) for r in records) / len(records)

@@ -32,7 +32,9 @@ correct choice (the probability mass on the correct letter among A-D in letter s
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -202,3 +204,50 @@ def format_table(results: dict[str, Any], *, categories: bool = True) -> str:
     lines.append(f"backend {results['backend']}, style {results['style']}, {results['num_fewshot']}-shot, "
                  f"{_fmt(results.get('questions_per_second'))} questions/s")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What a forget/retain evaluation runs: the tasks, the scoring style and its limits.
+
+    ``forget_task`` / ``retain_task``: a task name (``wmdp_bio_robust``, ``mmlu``, ...), an MCQ file,
+    or an already loaded :class:`MCQTask` (load once to evaluate often, as the attack does).
+    """
+
+    forget_task: Any
+    retain_task: Any = None
+    style: str = "letter"
+    limit: int | None = None
+    batch_size: int = 16
+    num_fewshot: int = 0
+
+
+def chance_level(task: MCQTask) -> float:
+    """Random-chance accuracy of a task: the mean of 1 / number of choices over its questions."""
+    records = [r for sub in task.subtasks for r in sub.records]
+    return sum(1 / len(r.choices) for r in records) / len(records)
+
+
+def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: bool = False) -> dict[str, Any]:
+    """Forget (and retain) accuracy of a model in memory, each with its task's chance level.
+
+    Returns:
+        ``{style, forget_acc, forget_task, forget_chance, [retain_acc, retain_task, retain_chance],
+        tasks: {name: summary without predictions}}``.
+
+    Raises:
+        UserError: a task cannot be loaded, or an evaluation gave no finite accuracy.
+    """
+    wanted = {k: t for k, t in (("forget", spec.forget_task), ("retain", spec.retain_task)) if t is not None}
+    loaded = {k: t if isinstance(t, MCQTask) else load_tasks([t], num_fewshot=spec.num_fewshot)[0]
+              for k, t in wanted.items()}
+    res = evaluate(model, tokenizer, list(loaded.values()), style=spec.style, limit=spec.limit,
+                   batch_size=spec.batch_size, num_fewshot=spec.num_fewshot, progress=progress)
+    out: dict[str, Any] = {"style": res["style"], "tasks": {}}
+    for key, task in loaded.items():
+        summary = {k: v for k, v in res["tasks"][task.name].items() if k != "predictions"}
+        if summary["acc"] is None or not math.isfinite(summary["acc"]):
+            raise UserError(f"the {key} evaluation ({task.name}) gave no accuracy ({summary['acc']!r})")
+        out.update({f"{key}_acc": summary["acc"], f"{key}_task": task.name, f"{key}_chance": chance_level(task)})
+        out["tasks"][task.name] = summary
+    return out
