@@ -12,7 +12,7 @@ import torch
 from sequnlearn.data.mcq import MCQRecord, MCQSubtask, MCQTask, load_mcq_file
 from sequnlearn.errors import UserError
 from sequnlearn.eval import evaluate, format_table, load_tasks
-from sequnlearn.eval.mcq import Question, plan_questions, question_prediction, score_questions, summarize_task
+from sequnlearn.eval.scorer import Question, plan_questions, question_prediction, score_questions, summarize_task
 from sequnlearn.model.tiny import byte_tokenizer, tiny_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mcq_60.jsonl"

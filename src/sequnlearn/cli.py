@@ -333,7 +333,7 @@ def cmd_demo(args) -> None:
     from pathlib import Path
 
     from sequnlearn.toyworld import ToyWorldConfig
-    from sequnlearn.toyworld.demo import DemoOptions, reduced_overrides, run_demo
+    from sequnlearn.demo import DemoOptions, reduced_overrides, run_demo
 
     from sequnlearn.config import TamperConfig, load_config
 

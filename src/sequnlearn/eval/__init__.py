@@ -1,7 +1,7 @@
 """Multiple-choice evaluation of a model in memory: WMDP-Bio(-Robust), MMLU and local MCQ files.
 
 Two backends give the same result structure: ``fast`` (one forward pass per question, see
-:mod:`sequnlearn.eval.mcq`) and ``lm-eval`` (our task YAMLs through ``lm_eval.simple_evaluate``,
+:mod:`sequnlearn.eval.scorer`) and ``lm-eval`` (our task YAMLs through ``lm_eval.simple_evaluate``,
 see :mod:`sequnlearn.eval.harness`). Both follow lm-eval's template and metrics, so numbers can be
 checked against lm-eval itself. The result of :func:`evaluate`::
 
@@ -154,7 +154,7 @@ def evaluate(model: Any, tokenizer: Any, tasks: str | Sequence[str | MCQTask] | 
     amp = _autocast_dtype(model)
     start = time.perf_counter()
     if backend == "fast":
-        from sequnlearn.eval.mcq import evaluate_fast
+        from sequnlearn.eval.scorer import evaluate_fast
 
         per_task = evaluate_fast(model, tokenizer, loaded, style=style, limit=limit, batch_size=batch_size,
                                  num_fewshot=num_fewshot, progress=progress, autocast_dtype=amp)

@@ -23,7 +23,7 @@ import yaml
 
 from sequnlearn.data.mcq import STYLES, MCQTask
 from sequnlearn.errors import UserError
-from sequnlearn.eval.mcq import Question, plan_questions, question_prediction, summarize_task
+from sequnlearn.eval.scorer import Question, plan_questions, question_prediction, summarize_task
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 

@@ -46,10 +46,10 @@ def _say(opts: DemoOptions, msg: str) -> None:
 
 def _accuracy(model, tokenizer, tasks: dict, style: str = "cloze") -> dict:
     """Accuracy on the forget and retain MCQ sets in ``style``: ``{forget_acc, retain_acc}``."""
-    from sequnlearn.eval import evaluate
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
 
-    res = evaluate(model, tokenizer, list(tasks.values()), style=style, progress=False)
-    return {f"{key}_acc": res["tasks"][task.name]["acc"] for key, task in tasks.items()}
+    res = forget_retain_accuracy(model, tokenizer, EvalSpec(tasks["forget"], tasks.get("retain"), style))
+    return {f"{key}_acc": res[f"{key}_acc"] for key in tasks}
 
 
 def _both_styles(model, tokenizer, tasks: dict) -> tuple[dict, dict]:
