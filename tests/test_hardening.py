@@ -166,5 +166,24 @@ def test_resume_removes_the_temp_files_a_killed_writer_left(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     keep = tmp_path / "checkpoints" / "state.pt"
     keep.write_bytes(b"the last whole checkpoint")
-    assert remove_stale_temp_files(tmp_path) == [stale]
-    assert not stale.exists() and keep.read_bytes() == b"the last whole checkpoint"
+    half_model = tmp_path / ".model.x81ks0q2.tmp"  # a merged-model save killed mid-way (atomic_dir)
+    (half_model / "sub").mkdir(parents=True)
+    (half_model / "sub" / ".inner.tmp").write_bytes(b"")
+    assert remove_stale_temp_files(tmp_path) == sorted([stale, half_model])
+    assert not stale.exists() and not half_model.exists() and keep.read_bytes() == b"the last whole checkpoint"
+
+
+def test_atomic_dir_replaces_only_when_the_block_succeeds(tmp_path):
+    from sequnlearn.runs import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "w").write_text("2")
+            raise RuntimeError("killed mid-save")
+    assert (target / "w").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with atomic_dir(target) as tmp:
+        (tmp / "v").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["v"]

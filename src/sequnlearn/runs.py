@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,12 +105,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp directory next to ``path``; if the block succeeds it replaces ``path``
+    (an old ``path`` is removed just before the rename), else it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the usual permissions
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def remove_stale_temp_files(root: str | os.PathLike) -> list[Path]:
-    """Delete the temp files (:func:`atomic_path`'s ``.NAME.XXXX.tmp``) a killed writer left under
-    ``root``; returns them. Run before resuming: the file each one was meant to replace is intact."""
-    stale = [p for p in Path(root).rglob(".*.tmp") if p.is_file()]
+    """Delete the temp files and directories (:func:`atomic_path`'s and :func:`atomic_dir`'s
+    ``.NAME.XXXX.tmp``) a killed writer left under ``root``; returns them. Run before resuming: what
+    each one was meant to replace is intact."""
+    stale = sorted(Path(root).rglob(".*.tmp"))
+    stale = [p for p in stale if not any(q in p.parents for q in stale)]  # not inside another one
     for p in stale:
-        p.unlink()
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     return stale
 
 

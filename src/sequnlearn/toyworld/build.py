@@ -32,13 +32,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from sequnlearn.errors import UserError
-from sequnlearn.runs import read_json, write_json, write_jsonl
+from sequnlearn.runs import atomic_dir, read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
 from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, World, generate_world
@@ -261,14 +260,9 @@ def _write_text_files(paths: ToyWorldPaths, world: World) -> None:
 
 def _copy_shipped_model(paths: ToyWorldPaths, shipped: dict) -> dict:
     """Copy the shipped model into ``model/`` (via a temp dir + rename); its ``world.json`` facts."""
-    tmp = _temp_model_dir(paths)
-    try:
+    with atomic_dir(paths.model) as tmp:
         copy_shipped(tmp)
         os.replace(tmp / PRETRAIN_LOG, paths.pretrain_log)
-        os.replace(tmp, paths.model)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     keep = ("vocab_size", "model_parameters", "final_pretrain_loss", "pretrain_threads", "pretrain_seconds",
             "torch_version")
     return {"model_source": "shipped", **{k: shipped[k] for k in keep if k in shipped},
@@ -326,22 +320,6 @@ def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> lis
 
 def _save_model(paths: ToyWorldPaths, model, tokenizer) -> None:
     """Save model and tokenizer into a temp directory, then rename it to ``model/`` (atomic)."""
-    tmp = _temp_model_dir(paths)
-    try:
+    with atomic_dir(paths.model) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if paths.model.exists():
-            shutil.rmtree(paths.model)
-        os.replace(tmp, paths.model)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def _temp_model_dir(paths: ToyWorldPaths) -> Path:
-    """A fresh ``.model.*.tmp`` directory under the world root, with the usual permissions."""
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".tmp", dir=paths.root))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-    return tmp

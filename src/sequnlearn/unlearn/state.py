@@ -8,7 +8,6 @@ writes. Every file is written atomically.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,7 +18,7 @@ from sequnlearn import io
 from sequnlearn.distributed import Process, full_state, load_full_state
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
-from sequnlearn.runs import RunDir, atomic_path, atomic_write_text
+from sequnlearn.runs import RunDir, atomic_dir, atomic_path, atomic_write_text
 
 
 @dataclass
@@ -101,14 +100,12 @@ class RunState:
             return
         if self.fsdp:
             model = unsharded_copy(model_sd)
-        _save_dir(self.run.adapter, model.save_pretrained)
+        with atomic_dir(self.run.adapter) as tmp:
+            model.save_pretrained(str(tmp))
         merged = lora.merge_adapter(model)
-
-        def save_model(path: str) -> None:
-            merged.save_pretrained(path, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-
-        _save_dir(self.run.model, save_model)
+        with atomic_dir(self.run.model) as tmp:
+            merged.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
 
 
 def _count_lines(path: Path) -> int:
@@ -123,12 +120,3 @@ def _truncate_lines(path: Path, n: int) -> None:
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
     atomic_write_text(path, "".join(lines))
-
-
-def _save_dir(path: Path, save: Callable[[str], None]) -> None:
-    """Write a directory via ``save(tmp)`` then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
