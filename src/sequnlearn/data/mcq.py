@@ -407,9 +407,15 @@ def description(subject: str | None, style: str = "letter") -> str:
 
 def doc_text(record: MCQRecord, style: str = "letter") -> str:
     """lm-eval's ``doc_to_text``: the question (and lettered choices) ending in ``Answer:``."""
+    return prompt_text(record.question, record.choices, style)
+
+
+def prompt_text(question: str, choices: Sequence[str], style: str = "letter") -> str:
+    """The one prompt template (lm-eval's): ``letter`` — the question, ``A. ..`` lines, ``Answer:``;
+    ``cloze`` — ``Question: ..\nAnswer:`` (the choices are the continuations)."""
     if style == "cloze":
-        return f"Question: {record.question.strip()}\nAnswer:"
-    lines = [record.question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(record.choices)]
+        return f"Question: {question.strip()}\nAnswer:"
+    lines = [question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)]
     return "\n".join(lines) + "\nAnswer:"
 
 

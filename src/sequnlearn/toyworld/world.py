@@ -27,6 +27,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from sequnlearn.data.mcq import prompt_text
+
 LETTERS = ("A", "B", "C", "D")
 
 
@@ -313,13 +315,12 @@ def make_mcqs(facts: list[Fact], seed: int) -> list[dict]:
 
 def qa_text(fact: Fact) -> str:
     """The fact as an answered question in lm-eval's cloze (``mmlu_continuation``) template."""
-    return f"Question: {mcq_question(fact)}\nAnswer: {fact.value}"
+    return f"{prompt_text(mcq_question(fact), [], 'cloze')} {fact.value}"
 
 
 def letter_prompt(question: str, choices: list[str]) -> str:
     """The lm-eval MMLU prompt: question, ``A. ..`` to ``D. ..`` lines, then ``Answer:``."""
-    lines = [question.strip()] + [f"{letter}. {c}" for letter, c in zip(LETTERS, choices)]
-    return "\n".join(lines) + "\nAnswer:"
+    return prompt_text(question, choices, "letter")
 
 
 def make_mcq_examples(facts: list[Fact], held_out: list[dict] | None, per_fact: int, seed: int,
