@@ -1,44 +1,56 @@
 """Knowledge audit: is the forget knowledge gone from the weights, or only from the output?
 
-For every layer of each model given (base, unlearned, attacked, ...) and for the forget and the
-retain MCQ set, two numbers:
+For every decoder layer of each model given (base, unlearned, attacked, ...) and for the forget and
+the retain MCQ set, two accuracies:
 
-- **probe accuracy**: a linear probe reads the layer's hidden states and picks the correct choice;
-  trained on part of the questions, scored on held-out ones (k-fold cross-validation, fixed seed).
-  High where the representation still separates right from wrong answers, whatever the output says.
-- **logit-lens accuracy**: the layer's output pushed through the final norm and output head and
-  scored as the evaluator scores the model's output. At the last layer this *is* the evaluator's
-  accuracy; at earlier layers it says how much of the answer the output head could already read.
+- **logit lens**: the layer's output pushed through the final norm and output head and scored as
+  the evaluator scores the model's output (same prompts, tokenization and continuations as
+  :mod:`sequnlearn.eval.mcq`; ``letter`` or ``cloze`` style). At the last layer it *is* the
+  evaluator's accuracy; at earlier layers it says how much of the answer the fixed head already reads.
+- **linear probe**: the same read-out with learned weights, trained on part of the questions and
+  scored on held-out ones (k-fold cross-validation, fixed seed). It can read the answer from
+  directions the head ignores or that unlearning turned away from the head.
 
-A layer where the probe stays high while the lens (and the model's answer) fell is a layer where the
-knowledge was hidden from the output, not removed from the representation.
+A layer where the probe stays well above the lens (and the model's answer) is a layer where the
+knowledge is still in the representation but hidden from the output; where both fell to chance, it
+is not linearly there any more.
 
-**Features.** Each question ``q`` and choice ``c`` is one sequence: the evaluator's prompt (same
-template and tokenization as :mod:`sequnlearn.eval.mcq`, ``letter`` or ``cloze`` style) followed by
-that choice's continuation (``" B"`` in letter style, the choice text in cloze style). The feature of
-``(q, c)`` at layer ``l`` is the hidden state at the sequence's last token: the position where the
-whole choice has been read, which attends to the question and, in letter style, to all the lettered
-choices. Layer ``emb`` is the embedding output (a control: it sees only the choice's last token, so a
-probe above chance there reads the answers' surface form, not knowledge); layer ``i`` is decoder
-layer ``i``'s output, as the engine's :func:`~sequnlearn.model.layers.run_layers` computes it.
+**Probe features.** The *answer position* of a question is the last prompt token (``"Answer:"``),
+plus any tokens all its continuations share (the ``" "`` before the letter with a byte-level
+tokenizer): the position whose output predicts the first token that tells the choices apart. Let
+``n_q`` be the layer's hidden state there, through the final norm, and ``u_c`` the model's output
+embedding (head row) of choice ``c``'s first distinguishing token. The logit lens scores ``c`` by
+``n_q·u_c`` (for that token). The probe scores it by ``w·((n_q − n̄) ⊙ u_c)`` — a learned
+reweighting of every dimension of that dot product, one weight vector ``w`` (``d`` numbers) shared by
+all choices, ``P(c | q) = softmax_c(score)`` (a conditional logit model). ``n̄`` is the mean state
+over the training questions: without it the probe can learn a fixed preference per choice text,
+which on data where the same answers recur (the toy world) scores *below* chance on held-out
+questions, since a held-out question's answer is by construction rarer among the training answers.
 
-Why per choice and not "the prompt's last token → answer index": the per-choice probe is one weight
-vector ``w`` shared by the choices, ``P(c) = softmax_c(w·h(q, c))`` (a conditional logit model), so
-it has ``d`` parameters instead of ``k·d``, does not depend on where the answer sits (A..D), works
-the same for both prompt styles and for questions with different numbers of choices, and matches
-the logit lens, which also scores each choice's continuation.
+Why not a probe on each choice's own last-token state, or a ``k``-way classifier of the answer index
+at the prompt's last token: both were tried on the toy world first. The per-choice state did not
+separate right from wrong choices (probe 0.2–0.35 where the model answers 1.0: a small model does
+not represent "that was the expected answer" after reading it), and the toy model does not answer
+the letter format, so its ``"Answer:"`` state has no reason to hold the answer's index. The answer
+position's prediction of the answer is where the knowledge shows; the probe reads it with the
+model's own choice vectors, so it has ``d`` parameters, works for both prompt styles, for answers
+that recur and for answers seen once (WMDP), and for any number of choices.
 
-**Probe.** Features are standardized with the training fold's mean and standard deviation; ``w``
-minimizes the mean cross-entropy over the choices plus ``l2/2·|w|²`` (L-BFGS, float32, from zero:
-deterministic). ``folds``-fold cross-validation over questions with a seeded permutation: every
-question is scored once, by the probe that did not see it. Reported: accuracy over all held-out
-questions, its binomial standard error, and each fold's accuracy.
+Limit: the probe sees only the first distinguishing token (choices that start alike, "two days" /
+"two weeks", tie in it); the lens scores whole continuations.
 
-**Memory.** One forward pass per batch of sequences, layer by layer
-(:func:`~sequnlearn.model.layers.run_layers` one layer at a time); of each layer only the last-token
-states (``questions × choices × d``) and the continuation log-probabilities are kept. The features
-of all layers, ``(layers + 1) × questions × choices × d``, are held in memory (float32) or, with
-``features_dir``, in a float16 ``.npy`` memory map on disk (6.9B, 33 × 1,300 × 4 × 4096: 1.4 GB).
+**Fitting.** Features standardized per dimension with the training fold's statistics; ``w``
+minimizes the mean cross-entropy plus ``l2/2·|w|²`` (Newton's method from zero, float32, all folds
+at once on the model's device: deterministic). ``folds``-fold cross-validation over questions with
+a seeded permutation; every question is scored once, by the probe that did not see it. Reported:
+accuracy over all held-out questions, its binomial standard error, and each fold's accuracy.
+
+**Memory.** The evaluator's rows (one per question in letter style, one per choice in cloze: the
+lens needs each continuation's positions), run layer by layer (:func:`~sequnlearn.model.layers.run_layers` one layer at a time);
+of each layer only the answer-position state per question and the continuations' log-probabilities
+are kept: ``layers × questions × d`` floats, in memory (float32) or, with ``features_dir``, in a
+float16 ``.npy`` memory map on disk (6.9B on WMDP-Bio-Robust + MMLU: 32 × 15,400 × 4096 × 2 B ≈ 4 GB
+on disk), plus ``choices × d`` for the choice vectors.
 """
 
 from __future__ import annotations
@@ -68,10 +80,10 @@ class AuditOptions:
     """Seed of the fold assignment."""
     l2: float = 1e-2
     """L2 penalty of the probe on standardized features (``l2/2·|w|²`` added to the mean cross-entropy)."""
-    max_iter: int = 100
-    """L-BFGS iterations per probe fit."""
+    max_iter: int = 30
+    """Newton iterations per probe fit (it converges in about 10)."""
     batch_size: int = 32
-    """Sequences (question × choice) per forward pass."""
+    """Rows per forward pass (the evaluator's rows: one per question in letter style, per choice in cloze)."""
     limit: int | None = None
     """At most this many questions per subtask (as the evaluator's limit)."""
     features_dir: str | None = None
@@ -93,42 +105,68 @@ class AuditOptions:
 
 @dataclass
 class LayerReadout:
-    """What one model gives on one question set, for every layer (index 0 = embeddings).
+    """What one model gives on one question set, for every decoder layer.
 
     Attributes:
-        features: ``(L+1, S, D)`` last-token hidden state of each (question, choice) sequence
-            (``S`` = all choices, question 0's first), float32 array or float16 memory map.
-        lens: ``(L+1, S)`` float64 log-probability of each choice's continuation read through the
+        states: ``(L, Q, D)`` answer-position hidden state of each question through the final norm,
+            float32 array or float16 memory map.
+        keys: ``(S,)`` index into ``vectors`` of each choice (``S`` = all choices, question 0's first).
+        vectors: ``(K, D)`` output embeddings (head rows) of the distinct first distinguishing tokens.
+        lens: ``(L, S)`` float64 log-probability of each choice's continuation read through the
             final norm and head from that layer.
         slots: ``(Q, C)`` index into ``S`` of question ``q``'s choice ``c``; -1 where a question has
             fewer than ``C`` choices.
         answers: ``(Q,)`` index of the correct choice.
     """
 
-    features: np.ndarray
+    states: np.ndarray
+    keys: np.ndarray
+    vectors: np.ndarray
     lens: np.ndarray
     slots: np.ndarray
     answers: np.ndarray
 
 
-def _sequences(tokenizer, questions, max_len: int) -> list[tuple[list[int], int]]:
-    """(tokens, continuation length) per (question, choice), in flat choice order.
+@dataclass
+class _Row:
+    """One model input: the evaluator's row (context + continuation minus its last token, shared by
+    the choices it reads), the choices it scores, and for a question's first row the answer position."""
 
-    The tokens are the evaluator's context and continuation (lm-eval's ``_encode_pair``), cut on the
-    left to the model's ``max_len``.
+    tokens: list[int]
+    targets: list[tuple[int, list[int]]]  # (flat choice index, continuation ids)
+    answer_pos: int  # -1 on a question's other rows
+    question: int
 
-    Raises:
-        UserError: a continuation does not fit in the model's context with one token before it.
+
+def _rows(tokenizer, questions, max_len: int) -> tuple[list[_Row], list[int]]:
+    """The evaluator's rows (:func:`sequnlearn.eval.mcq.build_rows`: lm-eval's encoding, grouping and
+    left truncation) with each question's answer position, and each choice's first distinguishing token.
+
+    The answer position is the last token of the context plus the tokens all the question's
+    continuations share (``" "`` before the letter with a byte-level tokenizer): the position whose
+    output predicts the first token that tells the choices apart. Letter style is one row per
+    question, cloze one per choice.
+
+    Returns:
+        ``(rows, keys)``: ``keys[s]`` is the first distinguishing token of flat choice ``s``.
     """
-    from sequnlearn.eval.mcq import encode_pairs
+    from sequnlearn.eval.mcq import build_rows, encode_pairs
 
-    out = []
-    for ctx, conts in encode_pairs(tokenizer, questions):
-        for cont in conts:
-            if len(cont) >= max_len:
-                raise UserError(f"a choice is {len(cont)} tokens, too long for the model's {max_len}; shorten it")
-            out.append(((ctx + cont)[-max_len:], len(cont)))
-    return out
+    rows, keys, flat = [], [], 0
+    for qi, (ctx, conts) in enumerate(encode_pairs(tokenizer, questions)):
+        k = 0
+        while k < min(len(c) for c in conts) - 1 and len({c[k] for c in conts}) == 1:
+            k += 1
+        for i, r in enumerate(build_rows([(ctx, conts)], max_len)):
+            cut = len(ctx) + len(r.targets[0][1]) - 1 - len(r.tokens)  # tokens dropped on the left
+            targets = [(flat + j, cont) for j, cont in r.targets]
+            if i == 0 and len(ctx) + k - 1 - cut < 0:
+                raise UserError(f"question {qi}: the prompt is cut so short that its answer position is lost; "
+                                "shorten the choices")
+            rows.append(_Row(r.tokens, targets, len(ctx) + k - 1 - cut if i == 0 else -1, qi))
+        keys += [c[k] for c in conts]
+        flat += len(conts)
+    return rows, keys
 
 
 def _storage(shape: tuple[int, ...], features_dir: str | None, name: str) -> np.ndarray:
@@ -141,14 +179,14 @@ def _storage(shape: tuple[int, ...], features_dir: str | None, name: str) -> np.
 
 def read_layers(model, tokenizer, questions, *, batch_size: int = 32, features_dir: str | None = None,
                 name: str = "features", progress: bool = False) -> LayerReadout:
-    """Features and logit-lens log-likelihoods of every layer for ``questions`` (see the module doc).
+    """Answer-position states and logit-lens log-likelihoods of every layer (see the module doc).
 
     Args:
         model: a supported causal LM (or peft-wrapped), on its device; left in its training mode.
         tokenizer: its tokenizer.
         questions: :class:`sequnlearn.eval.mcq.Question` s (prompts and continuations).
-        batch_size: sequences per forward pass.
-        features_dir: keep the features in a float16 ``.npy`` memory map there, named ``name``.
+        batch_size: rows per forward pass.
+        features_dir: keep the states in a float16 ``.npy`` memory map there, named ``name``.
 
     Returns:
         The :class:`LayerReadout`.
@@ -159,64 +197,68 @@ def read_layers(model, tokenizer, questions, *, batch_size: int = 32, features_d
     from sequnlearn.model.layers import architecture, run_layers
 
     arch = architecture(model)
-    seqs = _sequences(tokenizer, questions, max_length(model, tokenizer))
+    rows, keys = _rows(tokenizer, questions, max_length(model, tokenizer))
     n_layers, dim = arch.num_layers, arch.head.weight.shape[-1]
-    features = _storage((n_layers + 1, len(seqs), dim), features_dir, name)
-    lens = np.zeros((n_layers + 1, len(seqs)), dtype=np.float64)
-    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s][0]))
+    states = _storage((n_layers, len(questions), dim), features_dir, name)
+    lens = np.zeros((n_layers, len(keys)), dtype=np.float64)
+    rows.sort(key=lambda r: -len(r.tokens))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens, key_index = np.unique(keys, return_inverse=True)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(seqs), desc="audit", unit="seq", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                chunk = order[start:start + batch_size]
-                batch = _Batch([seqs[s] for s in chunk], pad, device)
+        with torch.no_grad(), tqdm(total=len(questions), desc="audit", unit="question", disable=not progress) as bar:
+            vectors = arch.head.weight[torch.from_numpy(tokens).to(device)].float().cpu().numpy()  # (K, D)
+            for start in range(0, len(rows), batch_size):
+                batch = _Batch(rows[start:start + batch_size], pad, device)
                 ctx = arch.context(batch.ids, batch.mask)
                 h = arch.embed(batch.ids, ctx)  # (B, T, D)
-                batch.reduce(arch, h, chunk, features[0], lens[0])
-                for i in range(n_layers):
+                for i in range(n_layers):  # one layer at a time: only its reductions are kept
                     h = run_layers(arch, h, ctx, i, i + 1)
-                    batch.reduce(arch, h, chunk, features[i + 1], lens[i + 1])
-                bar.update(len(chunk))
+                    batch.reduce(arch, h, states[i], lens[i])
+                bar.update(len(batch.questions))
     finally:
         model.train(was_training)
-    if isinstance(features, np.memmap):
-        features.flush()
-    return LayerReadout(features, lens, *_slots(questions))
+    if isinstance(states, np.memmap):
+        states.flush()
+    return LayerReadout(states, key_index.reshape(-1), vectors, lens, *_slots(questions))
 
 
 class _Batch:
-    """A right-padded batch of sequences and the positions the readout needs from it."""
+    """A right-padded batch of rows and the positions the readout needs from it."""
 
-    def __init__(self, seqs: list[tuple[list[int], int]], pad: int, device: torch.device) -> None:
-        width = max(len(t) for t, _ in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
-        rows, pos, tok, dest = [], [], [], []
-        for b, (tokens, n_cont) in enumerate(seqs):
-            n = len(tokens)
-            ids[b, :n], mask[b, :n] = torch.tensor(tokens), 1
-            for j in range(n_cont):  # the position whose output predicts continuation token j
-                rows.append(b)
-                pos.append(n - n_cont - 1 + j)
-                tok.append(tokens[n - n_cont + j])
-                dest.append(b)
+    def __init__(self, rows: list[_Row], pad: int, device: torch.device) -> None:
+        width = max(len(r.tokens) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        which, pos, tok, dest = [], [], [], []
+        for b, r in enumerate(rows):
+            n = len(r.tokens)
+            ids[b, :n], mask[b, :n] = torch.tensor(r.tokens), 1
+            for flat, cont in r.targets:
+                for j, t in enumerate(cont):  # the position whose output predicts continuation token j
+                    which.append(b)
+                    pos.append(n - len(cont) + j)
+                    tok.append(t)
+                    dest.append(flat)
         self.ids, self.mask = ids.to(device), mask.to(device)
-        self.last = torch.tensor([len(t) - 1 for t, _ in seqs], device=device)  # (B,)
-        self.rows, self.pos = torch.tensor(rows, device=device), torch.tensor(pos, device=device)  # (M,)
-        self.tok, self.dest = torch.tensor(tok, device=device), torch.tensor(dest)  # (M,)
+        firsts = [b for b, r in enumerate(rows) if r.answer_pos >= 0]
+        self.first_rows = torch.tensor(firsts, dtype=torch.long, device=device)  # (B',)
+        self.first_pos = torch.tensor([rows[b].answer_pos for b in firsts], dtype=torch.long, device=device)
+        self.questions = np.array([rows[b].question for b in firsts], dtype=np.int64)
+        self.which, self.pos = torch.tensor(which, device=device), torch.tensor(pos, device=device)  # (M,)
+        self.tok, self.dest = torch.tensor(tok, device=device), np.array(dest, dtype=np.int64)  # (M,)
 
-    def reduce(self, arch, h: torch.Tensor, chunk: list[int], features: np.ndarray, lens: np.ndarray) -> None:
-        """Store the last-token states of ``h`` ``(B, T, D)`` and add the continuations' log-probabilities."""
-        idx = np.asarray(chunk)
-        last = h[torch.arange(h.shape[0], device=h.device), self.last]  # (B, D)
-        features[idx] = last.float().cpu().numpy().astype(features.dtype, copy=False)
-        logits = arch.logits(h[self.rows, self.pos].unsqueeze(0))[0]  # (M, V)
+    def reduce(self, arch, h: torch.Tensor, states: np.ndarray, lens: np.ndarray) -> None:
+        """Store the answer-position states of ``h`` ``(B, T, D)`` (through the final norm) and add each
+        continuation token's log-probability, read through the final norm and head, to its choice."""
+        if len(self.questions):
+            normed = arch.norm(h[self.first_rows, self.first_pos])  # (B', D)
+            states[self.questions] = normed.float().cpu().numpy().astype(states.dtype, copy=False)
+        logits = arch.logits(h[self.which, self.pos].unsqueeze(0))[0]  # (M, V)
         lp = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(self.tok), device=h.device), self.tok]  # (M,)
-        per_seq = torch.zeros(h.shape[0], dtype=torch.float64).index_add_(0, self.dest, lp.cpu().double())  # (B,)
-        lens[idx] = per_seq.numpy()
+        np.add.at(lens, self.dest, lp.double().cpu().numpy())
 
 
 def _slots(questions) -> tuple[np.ndarray, np.ndarray]:
@@ -244,46 +286,82 @@ def lens_accuracy(readout: LayerReadout) -> list[float]:
 # ---------------------------------------------------------------- probes
 
 
-def _choice_features(features: np.ndarray, slots: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S, D)`` features of one layer → ``(Q, C, D)`` float32 and the ``(Q, C)`` valid mask."""
-    valid = torch.from_numpy(slots >= 0)
-    x = torch.from_numpy(np.asarray(features[np.maximum(slots, 0)], dtype=np.float32))  # (Q, C, D)
-    return x * valid.unsqueeze(-1), valid
-
-
-def fit_probe(x: torch.Tensor, valid: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2,
-              max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fit the conditional-logit probe ``P(c | q) = softmax_c(w·z(q, c))`` on standardized features.
+def probe_features(states: torch.Tensor, vectors: torch.Tensor, slots: torch.Tensor,
+                   train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's features, once per fold: ``((n_q − mean) ⊙ u_c)`` standardized per dimension.
 
     Args:
-        x: ``(Q, C, D)`` features; valid: ``(Q, C)`` real choices; y: ``(Q,)`` correct choice.
+        states: ``(Q, D)`` answer-position states (through the final norm) of one layer.
+        vectors: ``(S, D)`` choice vectors; slots: ``(Q, C)`` (-1: no choice).
+        train: ``(P, Q)`` the questions each of ``P`` fits trains on; the mean state and the
+            standardization come from them alone.
 
     Returns:
-        ``(w, mean, std)``: the ``(D,)`` weights and the ``(D,)`` standardization they apply to.
+        ``(P, Q, C, D)`` features (zero where there is no choice) and the ``(Q, C)`` valid mask.
     """
-    real = x[valid]  # (N, D)
-    mean, std = real.mean(0), real.std(0).clamp_min(1e-6)
-    z = (x - mean) / std  # (Q, C, D)
-    w = torch.zeros(x.shape[-1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7, tolerance_change=1e-10,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        scores = (z @ w).masked_fill(~valid, float("-inf"))  # (Q, C)
-        loss = torch.nn.functional.cross_entropy(scores, y) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), mean, std
+    valid = slots >= 0
+    u = vectors[slots.clamp_min(0)] * valid.unsqueeze(-1)  # (Q, C, D)
+    w = train.to(states.dtype)  # (P, Q)
+    center = (w @ states) / w.sum(-1, keepdim=True)  # (P, D)
+    x = (states.unsqueeze(0) - center.unsqueeze(1)).unsqueeze(2) * u  # (P, Q, C, D)
+    m = (train.unsqueeze(-1) & valid).to(states.dtype)  # (P, Q, C)
+    n = m.sum((1, 2)).clamp_min(2)[:, None]  # (P, 1)
+    mean = torch.einsum("pqc,pqcd->pd", m, x) / n  # (P, D)
+    var = torch.einsum("pqc,pqcd->pd", m, x * x) / n - mean * mean
+    std = var.clamp_min(0).mul(n / (n - 1)).sqrt().clamp_min(1e-6)  # (P, D)
+    return (x - mean[:, None, None]) / std[:, None, None] * valid.unsqueeze(-1), valid
 
 
-def predict_probe(x: torch.Tensor, valid: torch.Tensor, w: torch.Tensor, mean: torch.Tensor,
-                  std: torch.Tensor) -> torch.Tensor:
-    """``(Q,)`` chosen choice of each question under a fitted probe."""
-    scores = (((x - mean) / std) @ w).masked_fill(~valid, float("-inf"))  # (Q, C)
-    return scores.argmax(-1)
+def _objective(z, valid, y, a, w, l2):
+    """Per-fit loss ``(P,)`` and softmax over choices ``(P, Q, C)`` of weights ``w`` ``(P, D)``."""
+    scores = torch.einsum("pqcd,pd->pqc", z, w).masked_fill(~valid, float("-inf"))  # (P, Q, C)
+    logp = torch.log_softmax(scores, dim=-1)
+    nll = -logp.gather(-1, y.expand(w.shape[0], -1).unsqueeze(-1)).squeeze(-1)  # (P, Q)
+    return (a * nll).sum(-1) + 0.5 * l2 * (w * w).sum(-1), logp.exp()
+
+
+def fit_probes(z: torch.Tensor, valid: torch.Tensor, y: torch.Tensor, a: torch.Tensor, *, l2: float = 1e-2,
+               max_iter: int = 30) -> torch.Tensor:
+    """Fit ``P`` conditional-logit probes ``P(c | q) = softmax_c(w·z(q, c))`` at once, by Newton's method.
+
+    Each minimizes ``Σ_q a_q · CE(q) + l2/2·|w|²`` (a convex problem; from ``w = 0``, each step
+    halved until the loss does not rise), deterministic and exact to float32.
+
+    Args:
+        z: ``(P, Q, C, D)`` standardized features; valid: ``(Q, C)`` real choices; y: ``(Q,)`` answers.
+        a: ``(P, Q)`` question weights (1/n on a fit's training questions, 0 elsewhere).
+
+    Returns:
+        ``(P, D)`` weights.
+    """
+    P, D = z.shape[0], z.shape[-1]
+    w = torch.zeros(P, D, dtype=z.dtype, device=z.device)
+    eye = torch.eye(D, dtype=z.dtype, device=z.device) * max(l2, 1e-6)  # a floor keeps H invertible at l2=0
+    onehot = torch.nn.functional.one_hot(y, valid.shape[1]).to(z.dtype)  # (Q, C)
+    loss, prob = _objective(z, valid, y, a, w, l2)
+    flat = z.reshape(P, -1, D)  # (P, Q*C, D)
+    for _ in range(max_iter):
+        aw = a.unsqueeze(-1) * prob  # (P, Q, C)
+        mean_z = torch.einsum("pqc,pqcd->pqd", prob, z)  # (P, Q, D)
+        grad = torch.einsum("pqc,pqcd->pd", a.unsqueeze(-1) * (prob - onehot), z) + l2 * w  # (P, D)
+        hess = (flat.transpose(1, 2) @ (flat * aw.reshape(P, -1, 1))
+                - mean_z.transpose(1, 2) @ (mean_z * a.unsqueeze(-1)) + eye)  # (P, D, D)
+        # Cholesky (H is positive definite): batched LU trips an MKL bug on 2 CPU threads
+        step = torch.cholesky_solve(grad.unsqueeze(-1), torch.linalg.cholesky(hess)).squeeze(-1)  # (P, D)
+        t = torch.ones(P, 1, dtype=z.dtype, device=z.device)
+        for _ in range(20):  # halve where the loss would rise
+            new_loss, new_prob = _objective(z, valid, y, a, w - t * step, l2)
+            worse = ~(new_loss <= loss)
+            if not worse.any():
+                break
+            t = torch.where(worse[:, None], t / 2, t)
+        w = w - t * step * (~worse)[:, None]
+        gain = torch.where(worse, torch.zeros_like(loss), loss - new_loss)
+        loss = torch.where(worse, loss, new_loss)
+        prob = torch.where(worse[:, None, None], prob, new_prob)
+        if gain.max() <= 1e-7 * (1 + loss.abs().max()):
+            break
+    return w
 
 
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
@@ -300,28 +378,32 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def probe_accuracy(features: np.ndarray, slots: np.ndarray, answers: np.ndarray, *, folds: int = 5,
-                   seed: int = 0, l2: float = 1e-2, max_iter: int = 100) -> dict[str, Any]:
-    """Cross-validated accuracy of the probe on one layer's features.
+def probe_accuracy(states: np.ndarray, vectors: np.ndarray, slots: np.ndarray, answers: np.ndarray, *,
+                   folds: int = 5, seed: int = 0, l2: float = 1e-2, max_iter: int = 30,
+                   device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Cross-validated accuracy of the probe on one layer (all folds fitted at once).
 
     Args:
-        features: ``(S, D)`` one feature per (question, choice) slot.
+        states: ``(Q, D)`` answer-position states; vectors: ``(S, D)`` choice vectors.
         slots: ``(Q, C)`` slot of each question's choices (-1: none); answers: ``(Q,)``.
+        device: where to fit (the model's GPU for large widths).
 
     Returns:
         ``{"acc", "acc_stderr", "folds": [acc per fold]}``; ``acc`` is over all held-out questions.
     """
-    x, valid = _choice_features(features, slots)
-    y = torch.from_numpy(answers)
-    fold = torch.from_numpy(fold_ids(len(answers), folds, seed))
-    correct = torch.zeros(len(answers), dtype=torch.bool)
-    per_fold = []
-    for k in range(folds):
-        test, train = fold == k, fold != k
-        w, mean, std = fit_probe(x[train], valid[train], y[train], l2=l2, max_iter=max_iter)
-        hit = predict_probe(x[test], valid[test], w, mean, std) == y[test]
-        correct[test] = hit
-        per_fold.append(float(hit.float().mean()))
+    y = torch.from_numpy(answers).to(device)
+    fold = torch.from_numpy(fold_ids(len(answers), folds, seed)).to(device)
+    test = fold.unsqueeze(0) == torch.arange(folds, device=device).unsqueeze(1)  # (P, Q)
+    z, valid = probe_features(torch.from_numpy(np.asarray(states, dtype=np.float32)).to(device),
+                              torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(device),
+                              torch.from_numpy(slots).to(device), ~test)
+    a = (~test).to(z.dtype)
+    w = fit_probes(z, valid, y, a / a.sum(-1, keepdim=True), l2=l2, max_iter=max_iter)
+    scores = torch.einsum("pqcd,pd->pqc", z, w).masked_fill(~valid, float("-inf"))
+    hit = (scores.argmax(-1) == y).cpu()  # (P, Q): fit p's choice for every question
+    test = test.cpu()
+    correct = hit[test.float().argmax(0), torch.arange(len(answers))]  # (Q,) by the fit that held it out
+    per_fold = [float(hit[k][test[k]].float().mean()) for k in range(folds)]
     acc = float(correct.float().mean())
     return {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / len(answers)), "folds": per_fold}
 
@@ -347,8 +429,8 @@ class AuditModel:
 
 
 def layer_names(num_layers: int) -> list[str]:
-    """``["emb", "0", "1", ..., "N-1"]``: the readout's layer axis."""
-    return ["emb"] + [str(i) for i in range(num_layers)]
+    """``["0", "1", ..., "N-1"]``: the readout's layer axis (decoder layer outputs)."""
+    return [str(i) for i in range(num_layers)]
 
 
 def audit_one(model, tokenizer, tasks: dict, opts: AuditOptions, *, label: str = "model",
@@ -360,7 +442,7 @@ def audit_one(model, tokenizer, tasks: dict, opts: AuditOptions, *, label: str =
 
     Returns:
         ``{key: {"n", "probe": [{"acc", "acc_stderr", "folds"}, ...], "lens": [acc, ...]}}``, one
-        entry per layer (embeddings first).
+        entry per decoder layer.
     """
     from sequnlearn.eval.mcq import plan_questions
 
@@ -370,9 +452,11 @@ def audit_one(model, tokenizer, tasks: dict, opts: AuditOptions, *, label: str =
         name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{label}-{key}")
         readout = read_layers(model, tokenizer, questions, batch_size=opts.batch_size,
                               features_dir=opts.features_dir, name=name, progress=progress)
-        probes = [probe_accuracy(readout.features[layer], readout.slots, readout.answers, folds=opts.folds,
-                                 seed=opts.seed, l2=opts.l2, max_iter=opts.max_iter)
-                  for layer in range(readout.features.shape[0])]
+        device = next(model.parameters()).device
+        vectors = readout.vectors[readout.keys]  # (S, D)
+        probes = [probe_accuracy(readout.states[layer], vectors, readout.slots, readout.answers,
+                                 folds=opts.folds, seed=opts.seed, l2=opts.l2, max_iter=opts.max_iter, device=device)
+                  for layer in range(readout.states.shape[0])]
         out[key] = {"n": len(questions), "probe": probes, "lens": lens_accuracy(readout)}
     return out
 
@@ -453,12 +537,12 @@ def audit_markdown(result: dict) -> str:
              f"last layer it is the model's own accuracy). Prompt style: {opts['style']}. "
              + "; ".join(f"{key}: {result['models'][0][key]['n']} questions, chance {result['tasks'][key]['chance']:.2f}"
                          for key in keys)
-             + ". `emb` is the embedding output (a control: it sees only each choice's last token)."
+             + "."
              + (f" Target layers of unlearning, back to front: {', '.join(map(str, targets))} (marked *)."
                 if targets else ""), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, name in enumerate(result["layers"]):
-        mark = "*" if name != "emb" and int(name) in targets else ""
+        mark = "*" if int(name) in targets else ""
         cells = [f"{m[key]['probe'][i]['acc']:.3f} / {m[key]['lens'][i]:.3f}" for key in keys for m in models]
         lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
     lines += ["", _summary_table(result), ""]
@@ -505,7 +589,7 @@ def plot_audit(result: dict, path: Path) -> None:
                 style = dict(color="k", ls="--", lw=1.5) if j == 0 else dict(lw=1.5)
                 ax.plot(x, ys, marker="o", ms=3, label=m["label"] + (" (base)" if j == 0 else ""), **style)
             for t in targets:
-                ax.axvspan(t + 1 - 0.4, t + 1 + 0.4, color="tab:red", alpha=0.08, zorder=0)
+                ax.axvspan(t - 0.4, t + 0.4, color="tab:red", alpha=0.08, zorder=0)
             ax.axhline(result["tasks"][key]["chance"], color="gray", ls=":", lw=1, label="chance")
             ax.set_ylim(0, 1.02)
             ax.set_title(f"{key}: {'linear probe' if measure == 'probe' else 'logit lens'}", fontsize=10)
@@ -519,15 +603,41 @@ def plot_audit(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def report_section(root: Path, out: Path) -> list[str]:
-    """Markdown lines for ``sequnlearn report``: every ``audit.json`` under ``root``, its table and a
-    fresh plot written into ``out`` (``audit.png``, ``audit-2.png``, ...)."""
+def report_section(dirs: Sequence[Path], out: Path) -> tuple[list[str], list[str]]:
+    """For ``sequnlearn report``: markdown lines for every ``audit.json`` under ``dirs`` (its table) and
+    the plots redrawn from it into ``out`` (``audit.png``, ``audit-2.png``, ...).
+
+    Returns:
+        ``(lines, file names written)``; both empty when there is no audit.
+    """
     from sequnlearn.runs import read_json
 
+    paths = sorted({p for d in dirs for p in Path(d).rglob("audit.json")})
     lines: list[str] = []
-    for i, p in enumerate(sorted(Path(root).rglob("audit.json"))):
+    files: list[str] = []
+    for i, p in enumerate(paths):
         name = "audit.png" if i == 0 else f"audit-{i + 1}.png"
         result = read_json(p)
         plot_audit(result, out / name)
+        files.append(name)
         lines += [f"## Knowledge audit ({p.parent})", "", audit_markdown(result), f"![knowledge audit]({name})", ""]
-    return lines
+    return lines, files
+
+
+# ---------------------------------------------------------------- run directories
+
+
+def run_target_layers(path: str | Path) -> list[int] | None:
+    """Target layers of the unlearning run in ``path`` (from its ``config.yaml``), else ``None``."""
+    from sequnlearn.config import read_yaml
+    from sequnlearn.unlearn.schedule import layer_order
+
+    cfg_path = Path(path) / "config.yaml"
+    if not cfg_path.is_file():
+        return None
+    cfg = read_yaml(cfg_path) or {}
+    if cfg.get("layers"):
+        return [int(x) for x in cfg["layers"]]
+    if all(cfg.get(k) is not None for k in ("layer_start", "layer_end", "layer_step")):
+        return layer_order(int(cfg["layer_start"]), int(cfg["layer_end"]), int(cfg["layer_step"]))
+    return None
