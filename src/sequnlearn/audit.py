@@ -546,6 +546,8 @@ def audit_markdown(result: dict) -> str:
         cells = [f"{m[key]['probe'][i]['acc']:.3f} / {m[key]['lens'][i]:.3f}" for key in keys for m in models]
         lines.append(f"| {name}{mark} | " + " | ".join(cells) + " |")
     lines += ["", _summary_table(result), ""]
+    if result.get("phases"):
+        lines += [_phase_table(result), ""]
     n = min(result["models"][0][key]["n"] for key in keys)
     lines.append(f"One standard error of an accuracy near 0.5 is {math.sqrt(0.25 / n):.3f} here ({n} questions); "
                  "per-fold probe accuracies are in audit.json.")
@@ -565,6 +567,19 @@ def _summary_table(result: dict) -> str:
             cells += [f"{m[key]['lens'][-1]:.3f}", f"{probes[best]:.3f} ({result['layers'][best]})",
                       f"{probes[-1]:.3f}"]
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _phase_table(result: dict) -> str:
+    """Forget probe / lens per layer after each unlearning phase (the model in memory, before merging)."""
+    phases = result["phases"]
+    head = ["Layer"] + [p["label"] for p in phases]
+    lines = ["After each unlearning phase, forget set, **probe / logit lens** (the adapter in memory, "
+             "before merging; the last phase is the unlearned model):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, name in enumerate(result["layers"]):
+        cells = [f"{p['forget']['probe'][i]['acc']:.3f} / {p['forget']['lens'][i]:.3f}" for p in phases]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
