@@ -69,6 +69,15 @@ def test_probe_ignores_a_fixed_preference_for_recurring_answers():
     assert abs(res["acc"] - 0.25) <= 4 * (0.1875 / q) ** 0.5
 
 
+def test_lens_prior_starts_a_small_sample_probe_from_what_the_head_reads():
+    # 20 questions, 64 dimensions, the answer readable by the plain dot product (the logit lens):
+    # pulled towards the lens the probe keeps most of it; pulled towards zero it must learn it from 16.
+    states, vectors, slots, answers = _synthetic(q=20, d=64, strength=2.5, signal_layer=0)
+    lens = np.mean(np.einsum("qd,qcd->qc", states[0], vectors[slots]).argmax(1) == answers)
+    acc = {p: probe_accuracy(states[0], vectors, slots, answers, l2=0.1, prior=p)["acc"] for p in ("lens", "zero")}
+    assert acc["lens"] >= lens - 0.15 and acc["lens"] >= acc["zero"] + 0.15, (lens, acc)
+
+
 def test_folds_are_a_seeded_balanced_partition():
     f = fold_ids(23, 5, seed=3)
     assert sorted(np.bincount(f)) == [4, 4, 5, 5, 5]

@@ -40,8 +40,10 @@ Limit: the probe sees only the first distinguishing token (choices that start al
 "two weeks", tie in it); the lens scores whole continuations.
 
 **Fitting.** Features standardized per dimension with the training fold's statistics; ``w``
-minimizes the mean cross-entropy plus ``l2/2·|w|²`` (Newton's method from zero, float32, all folds
-at once on the model's device: deterministic). ``folds``-fold cross-validation over questions with
+minimizes the mean cross-entropy plus ``l2/2·|w − w0|²``, where ``w0`` is the logit lens's own
+weighting of the same product (``prior="lens"``, the default: with few training questions the probe
+starts from what the head reads and moves as far as the data carry it) or zero (``prior="zero"``).
+Newton's method from ``w0``, float32, all folds at once on the model's device: deterministic. ``folds``-fold cross-validation over questions with
 a seeded permutation; every question is scored once, by the probe that did not see it. Reported:
 accuracy over all held-out questions, its binomial standard error, and each fold's accuracy.
 
@@ -80,6 +82,9 @@ class AuditOptions:
     """Seed of the fold assignment."""
     l2: float = 1e-2
     """L2 penalty of the probe on standardized features (``l2/2·|w|²`` added to the mean cross-entropy)."""
+    prior: str = "lens"
+    """What the probe's penalty pulls its weights towards: lens (the logit lens's read-out of the same
+    product, so with few questions the probe starts from what the head reads) or zero."""
     max_iter: int = 30
     """Newton iterations per probe fit (it converges in about 10)."""
     batch_size: int = 32
@@ -92,6 +97,8 @@ class AuditOptions:
     def __post_init__(self) -> None:
         if self.style not in ("letter", "cloze"):
             raise UserError(f"style {self.style!r} is unknown; use letter or cloze")
+        if self.prior not in ("lens", "zero"):
+            raise UserError(f"prior {self.prior!r} is unknown; use lens or zero")
         if self.folds < 2:
             raise UserError(f"folds={self.folds}: cross-validation needs at least 2 folds")
         if self.l2 < 0 or self.max_iter < 1 or self.batch_size < 1:
@@ -297,7 +304,8 @@ def probe_features(states: torch.Tensor, vectors: torch.Tensor, slots: torch.Ten
             standardization come from them alone.
 
     Returns:
-        ``(P, Q, C, D)`` features (zero where there is no choice) and the ``(Q, C)`` valid mask.
+        ``(P, Q, C, D)`` features (zero where there is no choice), the ``(Q, C)`` valid mask and the
+        ``(P, D)`` standard deviations (``w = std`` scores like the logit lens on centred states).
     """
     valid = slots >= 0
     u = vectors[slots.clamp_min(0)] * valid.unsqueeze(-1)  # (Q, C, D)
@@ -309,48 +317,50 @@ def probe_features(states: torch.Tensor, vectors: torch.Tensor, slots: torch.Ten
     mean = torch.einsum("pqc,pqcd->pd", m, x) / n  # (P, D)
     var = torch.einsum("pqc,pqcd->pd", m, x * x) / n - mean * mean
     std = var.clamp_min(0).mul(n / (n - 1)).sqrt().clamp_min(1e-6)  # (P, D)
-    return (x - mean[:, None, None]) / std[:, None, None] * valid.unsqueeze(-1), valid
+    return (x - mean[:, None, None]) / std[:, None, None] * valid.unsqueeze(-1), valid, std
 
 
-def _objective(z, valid, y, a, w, l2):
+def _objective(z, valid, y, a, w, w0, l2):
     """Per-fit loss ``(P,)`` and softmax over choices ``(P, Q, C)`` of weights ``w`` ``(P, D)``."""
     scores = torch.einsum("pqcd,pd->pqc", z, w).masked_fill(~valid, float("-inf"))  # (P, Q, C)
     logp = torch.log_softmax(scores, dim=-1)
     nll = -logp.gather(-1, y.expand(w.shape[0], -1).unsqueeze(-1)).squeeze(-1)  # (P, Q)
-    return (a * nll).sum(-1) + 0.5 * l2 * (w * w).sum(-1), logp.exp()
+    return (a * nll).sum(-1) + 0.5 * l2 * ((w - w0) ** 2).sum(-1), logp.exp()
 
 
 def fit_probes(z: torch.Tensor, valid: torch.Tensor, y: torch.Tensor, a: torch.Tensor, *, l2: float = 1e-2,
-               max_iter: int = 30) -> torch.Tensor:
+               max_iter: int = 30, w0: torch.Tensor | None = None) -> torch.Tensor:
     """Fit ``P`` conditional-logit probes ``P(c | q) = softmax_c(w·z(q, c))`` at once, by Newton's method.
 
-    Each minimizes ``Σ_q a_q · CE(q) + l2/2·|w|²`` (a convex problem; from ``w = 0``, each step
-    halved until the loss does not rise), deterministic and exact to float32.
+    Each minimizes ``Σ_q a_q · CE(q) + l2/2·|w − w0|²`` (a convex problem; from ``w = w0``, each
+    step halved until the loss does not rise), deterministic and exact to float32.
 
     Args:
         z: ``(P, Q, C, D)`` standardized features; valid: ``(Q, C)`` real choices; y: ``(Q,)`` answers.
         a: ``(P, Q)`` question weights (1/n on a fit's training questions, 0 elsewhere).
+        w0: ``(P, D)`` the weights the penalty pulls towards (zero when omitted).
 
     Returns:
         ``(P, D)`` weights.
     """
     P, D = z.shape[0], z.shape[-1]
-    w = torch.zeros(P, D, dtype=z.dtype, device=z.device)
+    w0 = torch.zeros(P, D, dtype=z.dtype, device=z.device) if w0 is None else w0
+    w = w0.clone()
     eye = torch.eye(D, dtype=z.dtype, device=z.device) * max(l2, 1e-6)  # a floor keeps H invertible at l2=0
     onehot = torch.nn.functional.one_hot(y, valid.shape[1]).to(z.dtype)  # (Q, C)
-    loss, prob = _objective(z, valid, y, a, w, l2)
+    loss, prob = _objective(z, valid, y, a, w, w0, l2)
     flat = z.reshape(P, -1, D)  # (P, Q*C, D)
     for _ in range(max_iter):
         aw = a.unsqueeze(-1) * prob  # (P, Q, C)
         mean_z = torch.einsum("pqc,pqcd->pqd", prob, z)  # (P, Q, D)
-        grad = torch.einsum("pqc,pqcd->pd", a.unsqueeze(-1) * (prob - onehot), z) + l2 * w  # (P, D)
+        grad = torch.einsum("pqc,pqcd->pd", a.unsqueeze(-1) * (prob - onehot), z) + l2 * (w - w0)  # (P, D)
         hess = (flat.transpose(1, 2) @ (flat * aw.reshape(P, -1, 1))
                 - mean_z.transpose(1, 2) @ (mean_z * a.unsqueeze(-1)) + eye)  # (P, D, D)
         # Cholesky (H is positive definite): batched LU trips an MKL bug on 2 CPU threads
         step = torch.cholesky_solve(grad.unsqueeze(-1), torch.linalg.cholesky(hess)).squeeze(-1)  # (P, D)
         t = torch.ones(P, 1, dtype=z.dtype, device=z.device)
         for _ in range(20):  # halve where the loss would rise
-            new_loss, new_prob = _objective(z, valid, y, a, w - t * step, l2)
+            new_loss, new_prob = _objective(z, valid, y, a, w - t * step, w0, l2)
             worse = ~(new_loss <= loss)
             if not worse.any():
                 break
@@ -379,13 +389,15 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def probe_accuracy(states: np.ndarray, vectors: np.ndarray, slots: np.ndarray, answers: np.ndarray, *,
-                   folds: int = 5, seed: int = 0, l2: float = 1e-2, max_iter: int = 30,
+                   folds: int = 5, seed: int = 0, l2: float = 1e-2, max_iter: int = 30, prior: str = "lens",
                    device: str | torch.device = "cpu") -> dict[str, Any]:
     """Cross-validated accuracy of the probe on one layer (all folds fitted at once).
 
     Args:
         states: ``(Q, D)`` answer-position states; vectors: ``(S, D)`` choice vectors.
         slots: ``(Q, C)`` slot of each question's choices (-1: none); answers: ``(Q,)``.
+        prior: ``lens``: the penalty pulls the weights towards the logit lens's (all ones on the raw
+            product); ``zero``: towards zero (a probe that starts from nothing).
         device: where to fit (the model's GPU for large widths).
 
     Returns:
@@ -394,11 +406,12 @@ def probe_accuracy(states: np.ndarray, vectors: np.ndarray, slots: np.ndarray, a
     y = torch.from_numpy(answers).to(device)
     fold = torch.from_numpy(fold_ids(len(answers), folds, seed)).to(device)
     test = fold.unsqueeze(0) == torch.arange(folds, device=device).unsqueeze(1)  # (P, Q)
-    z, valid = probe_features(torch.from_numpy(np.asarray(states, dtype=np.float32)).to(device),
+    z, valid, std = probe_features(torch.from_numpy(np.asarray(states, dtype=np.float32)).to(device),
                               torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(device),
                               torch.from_numpy(slots).to(device), ~test)
     a = (~test).to(z.dtype)
-    w = fit_probes(z, valid, y, a / a.sum(-1, keepdim=True), l2=l2, max_iter=max_iter)
+    w0 = std if prior == "lens" else None
+    w = fit_probes(z, valid, y, a / a.sum(-1, keepdim=True), l2=l2, max_iter=max_iter, w0=w0)
     scores = torch.einsum("pqcd,pd->pqc", z, w).masked_fill(~valid, float("-inf"))
     hit = (scores.argmax(-1) == y).cpu()  # (P, Q): fit p's choice for every question
     test = test.cpu()
@@ -455,7 +468,8 @@ def audit_one(model, tokenizer, tasks: dict, opts: AuditOptions, *, label: str =
         device = next(model.parameters()).device
         vectors = readout.vectors[readout.keys]  # (S, D)
         probes = [probe_accuracy(readout.states[layer], vectors, readout.slots, readout.answers,
-                                 folds=opts.folds, seed=opts.seed, l2=opts.l2, max_iter=opts.max_iter, device=device)
+                                 folds=opts.folds, seed=opts.seed, l2=opts.l2, max_iter=opts.max_iter,
+                                 prior=opts.prior, device=device)
                   for layer in range(readout.states.shape[0])]
         out[key] = {"n": len(questions), "probe": probes, "lens": lens_accuracy(readout)}
     return out
@@ -532,7 +546,8 @@ def audit_markdown(result: dict) -> str:
     opts = result["options"]
     head = ["Layer"] + [f"{key}: {m['label']}" for key in keys for m in models]
     lines = ["Accuracy per layer, **probe / logit lens** (probe: linear read-out of the hidden states, "
-             f"{opts['folds']}-fold cross-validated over questions, seed {opts['seed']}, l2 {opts['l2']:g}; "
+             f"{opts['folds']}-fold cross-validated over questions, seed {opts['seed']}, l2 {opts['l2']:g} towards "
+             f"{'the lens' if opts.get('prior', 'lens') == 'lens' else 'zero'}; "
              "lens: the layer's output through the final norm and head, scored like the evaluator — at the "
              f"last layer it is the model's own accuracy). Prompt style: {opts['style']}. "
              + "; ".join(f"{key}: {result['models'][0][key]['n']} questions, chance {result['tasks'][key]['chance']:.2f}"

@@ -216,6 +216,8 @@ def _add_audit(sub) -> None:
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probes (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the probes (default 0.01)")
+    p.add_argument("--prior", choices=["lens", "zero"], default="lens",
+                   help="the probe's penalty pulls towards the logit lens's weights (default) or zero")
     p.add_argument("--limit", type=int, help="first N questions of each subtask")
     p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     p.add_argument("--features-dir", metavar="DIR", help="keep hidden-state features in float16 memory maps "
@@ -234,8 +236,8 @@ def cmd_audit(args) -> None:
     from sequnlearn.model.load import load_model, model_source
     from sequnlearn.runs import RunDir
 
-    opts = AuditOptions(style=args.style, folds=args.folds, seed=args.seed, l2=args.l2, limit=args.limit,
-                        batch_size=args.batch_size, features_dir=args.features_dir)
+    opts = AuditOptions(style=args.style, folds=args.folds, seed=args.seed, l2=args.l2, prior=args.prior,
+                        limit=args.limit, batch_size=args.batch_size, features_dir=args.features_dir)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else [_label(m) for m in args.models]
     if len(labels) != len(args.models):
         raise UserError(f"--labels names {len(labels)} models but {len(args.models)} are given; name each once")
