@@ -617,7 +617,8 @@ def plot_audit(result: dict, path: Path) -> None:
             for j, m in enumerate(result["models"]):
                 ys = [p["acc"] for p in m[key]["probe"]] if measure == "probe" else m[key]["lens"]
                 style = dict(color="k", ls="--", lw=1.5) if j == 0 else dict(lw=1.5)
-                ax.plot(x, ys, marker="o", ms=3, label=m["label"] + (" (base)" if j == 0 and m["label"] != "base" else ""), **style)
+                name = m["label"] + (" (base)" if j == 0 and m["label"] != "base" else "")
+                ax.plot(x, ys, marker="o", ms=3, label=name, **style)
             for t in targets:
                 ax.axvspan(t - 0.4, t + 0.4, color="tab:red", alpha=0.08, zorder=0)
             ax.axhline(result["tasks"][key]["chance"], color="gray", ls=":", lw=1, label="chance")
