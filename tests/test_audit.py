@@ -64,7 +64,8 @@ def test_probe_ignores_a_fixed_preference_for_recurring_answers():
     vectors = rng.normal(size=(4, d)).astype(np.float32)
     perm = np.stack([rng.permutation(4) for _ in range(q)])  # (q, 4) which text in which slot
     answers = rng.integers(0, 4, q)
-    states = np.tile(rng.normal(size=(1, d)).astype(np.float32), (q, 1)) + 0.01 * rng.normal(size=(q, d)).astype(np.float32)
+    states = np.tile(rng.normal(size=(1, d)), (q, 1)).astype(np.float32)
+    states += 0.01 * rng.normal(size=(q, d)).astype(np.float32)
     res = probe_accuracy(states, vectors[perm.reshape(-1)], np.arange(q * 4).reshape(q, 4), answers, folds=5)
     assert abs(res["acc"] - 0.25) <= 4 * (0.1875 / q) ** 0.5
 

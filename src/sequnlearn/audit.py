@@ -43,16 +43,17 @@ Limit: the probe sees only the first distinguishing token (choices that start al
 minimizes the mean cross-entropy plus ``l2/2·|w − w0|²``, where ``w0`` is the logit lens's own
 weighting of the same product (``prior="lens"``, the default: with few training questions the probe
 starts from what the head reads and moves as far as the data carry it) or zero (``prior="zero"``).
-Newton's method from ``w0``, float32, all folds at once on the model's device: deterministic. ``folds``-fold cross-validation over questions with
-a seeded permutation; every question is scored once, by the probe that did not see it. Reported:
-accuracy over all held-out questions, its binomial standard error, and each fold's accuracy.
+Newton's method from ``w0``, float32, all folds at once on the model's device: deterministic.
+``folds``-fold cross-validation over questions with a seeded permutation; every question is scored
+once, by the probe that did not see it. Reported: accuracy over all held-out questions, its binomial
+standard error, and each fold's accuracy.
 
 **Memory.** The evaluator's rows (one per question in letter style, one per choice in cloze: the
-lens needs each continuation's positions), run layer by layer (:func:`~sequnlearn.model.layers.run_layers` one layer at a time);
-of each layer only the answer-position state per question and the continuations' log-probabilities
-are kept: ``layers × questions × d`` floats, in memory (float32) or, with ``features_dir``, in a
+lens needs each continuation's positions), run layer by layer
+(:func:`~sequnlearn.model.layers.run_layers` one layer at a time); of each layer only the
+answer-position state per question and the continuations' log-probabilities are kept: ``layers × questions × d`` floats, in memory (float32) or, with ``features_dir``, in a
 float16 ``.npy`` memory map on disk (6.9B on WMDP-Bio-Robust + MMLU: 32 × 15,400 × 4096 × 2 B ≈ 4 GB
-on disk), plus ``choices × d`` for the choice vectors.
+on disk), plus ``distinct first tokens × d`` for the choice vectors.
 """
 
 from __future__ import annotations
@@ -550,7 +551,8 @@ def audit_markdown(result: dict) -> str:
              f"{'the lens' if opts.get('prior', 'lens') == 'lens' else 'zero'}; "
              "lens: the layer's output through the final norm and head, scored like the evaluator — at the "
              f"last layer it is the model's own accuracy). Prompt style: {opts['style']}. "
-             + "; ".join(f"{key}: {result['models'][0][key]['n']} questions, chance {result['tasks'][key]['chance']:.2f}"
+             + "; ".join(f"{key}: {result['models'][0][key]['n']} questions, "
+                         f"chance {result['tasks'][key]['chance']:.2f}"
                          for key in keys)
              + "."
              + (f" Target layers of unlearning, back to front: {', '.join(map(str, targets))} (marked *)."
@@ -572,7 +574,8 @@ def audit_markdown(result: dict) -> str:
 def _summary_table(result: dict) -> str:
     """Per model and task: the answer (last-layer lens), the best probe layer, the last layer's probe."""
     keys = list(result["tasks"])
-    head = ["Model"] + [f"{key}: {col}" for key in keys for col in ("answer acc", "best probe (layer)", "last-layer probe")]
+    cols = ("answer acc", "best probe (layer)", "last-layer probe")
+    head = ["Model"] + [f"{key}: {col}" for key in keys for col in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in result["models"]:
         cells = []

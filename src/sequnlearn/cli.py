@@ -208,7 +208,8 @@ def _add_audit(sub) -> None:
     p = sub.add_parser("audit", help="per-layer knowledge audit: linear probes and logit lens on MCQ sets")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN",
                    help="models to compare, the base first (hub id, model directory or run directory)")
-    p.add_argument("--data", required=True, metavar="MCQ_FILE", help="forget MCQs: a file or a task name (wmdp_bio_robust, ...)")
+    p.add_argument("--data", required=True, metavar="MCQ_FILE",
+                   help="forget MCQs: a file or a task name (wmdp_bio_robust, ...)")
     p.add_argument("--retain-data", metavar="MCQ_FILE", help="retain MCQs: a file or a task name (mmlu, ...)")
     p.add_argument("--data-dir", metavar="DIR", help="offline copies of the hub tasks (default $SEQUNLEARN_DATA_DIR)")
     p.add_argument("--style", choices=["letter", "cloze"], default="letter", help="prompt style (default letter)")
