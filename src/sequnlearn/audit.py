@@ -51,9 +51,10 @@ standard error, and each fold's accuracy.
 **Memory.** The evaluator's rows (one per question in letter style, one per choice in cloze: the
 lens needs each continuation's positions), run layer by layer
 (:func:`~sequnlearn.model.layers.run_layers` one layer at a time); of each layer only the
-answer-position state per question and the continuations' log-probabilities are kept: ``layers × questions × d`` floats, in memory (float32) or, with ``features_dir``, in a
-float16 ``.npy`` memory map on disk (6.9B on WMDP-Bio-Robust + MMLU: 32 × 15,400 × 4096 × 2 B ≈ 4 GB
-on disk), plus ``distinct first tokens × d`` for the choice vectors.
+answer-position state per question and the continuations' log-probabilities are kept:
+``layers × questions × d`` floats, in memory (float32) or, with ``features_dir``, in a float16
+``.npy`` memory map on disk (6.9B on WMDP-Bio-Robust + MMLU: 32 × 15,400 × 4096 × 2 B ≈ 4 GB), plus
+``distinct first tokens × d`` for the choice vectors. The probes are fitted one layer at a time.
 """
 
 from __future__ import annotations
