@@ -30,6 +30,22 @@ def test_demo_writes_summary_report_and_plots(demo):
     assert (demo / "unlearn" / "eval.json").exists() and (demo / "unlearn" / "model" / "config.json").exists()
 
 
+def test_demo_audits_base_unlearned_and_attacked_models(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    audit = json.loads((demo / "unlearn" / "audit.json").read_text())
+    assert summary["audit"] == str(demo / "unlearn" / "audit.json")
+    assert [m["label"] for m in audit["models"]] == ["base", "toy-l2", "attacked"]
+    assert audit["layers"] == ["0", "1", "2", "3"] and audit["models"][1]["target_layers"] == [3, 2]
+    assert [p["label"] for p in audit["phases"]] == ["after L3", "after L2"]
+    # the last layer's logit lens is the model's own cloze accuracy
+    assert audit["models"][0]["forget"]["lens"][-1] == pytest.approx(summary["baseline"]["forget_acc"])
+    assert audit["models"][1]["forget"]["lens"][-1] == pytest.approx(summary["unlearned"]["forget_acc"])
+    assert audit["models"][2]["forget"]["lens"][-1] == pytest.approx(summary["tamper"][-1]["forget_acc"])
+    report = (demo / "report.md").read_text()
+    assert "## Knowledge audit" in report and "| 3* |" in report and "after L3" in report
+    assert (demo / "unlearn" / "audit.png").stat().st_size > 10_000
+
+
 def test_unlearning_lowers_forget_and_keeps_retain(demo):
     summary = json.loads((demo / "summary.json").read_text())
     base, after = summary["baseline"], summary["unlearned"]

@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_unlearn, _add_tamper, _add_sweep, _add_report, _add_eval, _add_toyworld, _add_demo,
+    for add in (_add_unlearn, _add_tamper, _add_sweep, _add_report, _add_eval, _add_audit, _add_toyworld, _add_demo,
                 _add_tasks_path):
         add(sub)
     return parser
@@ -248,6 +248,62 @@ def _label(path: str) -> str:
 
     p = Path(path)
     return p.parent.name if p.name == "model" else p.name
+
+
+# ---------------------------------------------------------------- audit
+
+
+def _add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="per-layer knowledge audit: linear probes and logit lens on MCQ sets")
+    p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN",
+                   help="models to compare, the base first (hub id, model directory or run directory)")
+    p.add_argument("--data", required=True, metavar="MCQ_FILE",
+                   help="forget MCQs: a file or a task name (wmdp_bio_robust, ...)")
+    p.add_argument("--retain-data", metavar="MCQ_FILE", help="retain MCQs: a file or a task name (mmlu, ...)")
+    p.add_argument("--data-dir", metavar="DIR", help="offline copies of the hub tasks (default $SEQUNLEARN_DATA_DIR)")
+    p.add_argument("--style", choices=["letter", "cloze"], default="letter", help="prompt style (default letter)")
+    p.add_argument("--labels", help="comma-separated names of the models (default: their directory names)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probes (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument("--l2", type=float, default=1e-2, help="L2 penalty of the probes (default 0.01)")
+    p.add_argument("--prior", choices=["lens", "zero"], default="lens",
+                   help="the probe's penalty pulls towards the logit lens's weights (default) or zero")
+    p.add_argument("--limit", type=int, help="first N questions of each subtask")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    p.add_argument("--features-dir", metavar="DIR", help="keep hidden-state features in float16 memory maps "
+                   "there instead of in memory (large models)")
+    p.add_argument("--out", help="directory for audit.json/md/png (default: the first run directory given)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args) -> None:
+    """Audit the models layer by layer; write audit.json, audit.md, audit.png and print the table."""
+    from sequnlearn.audit import AuditModel, AuditOptions, audit_markdown, run_audit, run_target_layers, write_audit
+    from sequnlearn.eval import load_tasks
+    from sequnlearn.model.load import load_model, model_source
+    from sequnlearn.runs import RunDir
+
+    opts = AuditOptions(style=args.style, folds=args.folds, seed=args.seed, l2=args.l2, prior=args.prior,
+                        limit=args.limit, batch_size=args.batch_size, features_dir=args.features_dir)
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [_label(m) for m in args.models]
+    if len(labels) != len(args.models):
+        raise UserError(f"--labels names {len(labels)} models but {len(args.models)} are given; name each once")
+    runs = [m for m in args.models if RunDir(Path(m)).is_run()]
+    if args.out is None and not runs:
+        raise UserError("none of the models is a run directory; say where to write with --out DIR")
+    out = Path(args.out) if args.out else Path(runs[0])
+    names = {"forget": args.data, **({"retain": args.retain_data} if args.retain_data else {})}
+    tasks = dict(zip(names, load_tasks(list(names.values()), data_dir=args.data_dir)))
+    models = [AuditModel(label, (lambda s=model_source(m): load_model(s, dtype=args.dtype, device=args.device)),
+                         model_source(m), run_target_layers(m))
+              for label, m in zip(labels, args.models)]
+    result = run_audit(models, tasks, opts)
+    write_audit(result, out)
+    print(audit_markdown(result), end="")
+    print(f"wrote {out}/audit.json, audit.md, audit.png ({result['wall_s']:.0f}s)")
 
 
 # ---------------------------------------------------------------- toyworld

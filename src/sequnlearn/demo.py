@@ -1,4 +1,4 @@
-"""The whole pipeline on the toy world: build → evaluate → unlearn → evaluate → tamper → report.
+"""The whole pipeline on the toy world: build → evaluate → unlearn → evaluate → tamper → audit → report.
 
 What ``make demo`` runs (``sequnlearn demo --out runs/demo``). Each step shows progress and
 writes its results as it goes; the world is built once and reused.
@@ -57,8 +57,8 @@ def _both_styles(model, tokenizer, tasks: dict) -> tuple[dict, dict]:
     return _accuracy(model, tokenizer, tasks), _accuracy(model, tokenizer, tasks, style="letter")
 
 
-def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict]]:
-    """Unlearn with the preset, evaluating the model in memory after every phase."""
+def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict], list[dict]]:
+    """Unlearn with the preset, evaluating (and auditing, forget set) the model in memory after every phase."""
     from sequnlearn.config import load_config
     from sequnlearn.runs import prepare_out_dir
     from sequnlearn.unlearn.engine import unlearn
@@ -67,17 +67,24 @@ def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict]]
     cfg = load_config(preset=opts.unlearn_preset, overrides=world + list(opts.unlearn_overrides))
     run = RunDir(prepare_out_dir(opts.out / "unlearn", overwrite=True))
     phases: list[dict] = []
+    audits: list[dict] = []
 
     def after_phase(engine, phase: int, layer: int) -> None:
+        from sequnlearn.audit import audit_one
+
         acc = _accuracy(engine.model, engine.tokenizer, tasks)
         phases.append({"label": f"L{layer}", "phase": phase, "layer": layer, **acc})
         _say(opts, f"after layer {layer}: forget {acc['forget_acc']:.3f}  retain {acc['retain_acc']:.3f}")
+        audits.append({"label": f"after L{layer}", "phase": phase, "layer": layer,
+                       **audit_one(engine.model, engine.tokenizer, {"forget": tasks["forget"]}, _audit_options())})
 
     unlearn(cfg, run, on_phase_end=after_phase)
-    return run, phases
+    return run, phases, audits
 
 
-def _tamper(opts: DemoOptions, paths, baseline: float) -> dict | None:
+def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tuple | None]:
+    """The attack on the unlearned model; returns its result and the attacked ``(model, tokenizer)``
+    (the last attack's, trained in place)."""
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import load_model
     from sequnlearn.runs import prepare_out_dir
@@ -85,13 +92,47 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> dict | None:
 
     if opts.tamper_preset is None:
         _say(opts, "tamper attack skipped")
-        return None
+        return None, None
     world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}"]
     cfg = load_config(TamperConfig, preset=opts.tamper_preset, overrides=world + list(opts.tamper_overrides))
     out = prepare_out_dir(opts.out / "tamper", overwrite=True)
     unlearned = opts.out / "unlearn" / "model"
-    return tamper({"toy-l2": lambda: load_model(str(unlearned), dtype="fp32")}, cfg, out, baseline=baseline,
-                  progress=opts.progress)
+    attacked: list[tuple] = []
+
+    def load():
+        attacked.append(load_model(str(unlearned), dtype="fp32"))
+        return attacked[-1]
+
+    result = tamper({"toy-l2": load}, cfg, out, baseline=baseline, progress=opts.progress)
+    return result, attacked[-1]
+
+
+def _audit_options():
+    """The demo's audit: cloze prompts (the demo's metric), 5 folds, seed 0."""
+    from sequnlearn.audit import AuditOptions
+
+    return AuditOptions(style="cloze")
+
+
+def _audit(opts: DemoOptions, paths, run: RunDir, attack: dict | None, attacked: tuple | None,
+           phases: list[dict]) -> dict:
+    """Knowledge audit of the base, unlearned and attacked models into ``run``: audit.json/md/png."""
+    from sequnlearn.audit import AuditModel, run_audit, run_target_layers, write_audit
+    from sequnlearn.data.mcq import load_task
+    from sequnlearn.model.load import load_model
+
+    tasks = {"forget": load_task(str(paths.forget_mcq)), "retain": load_task(str(paths.retain_mcq))}
+    models = [AuditModel("base", lambda: load_model(str(paths.model), dtype="fp32"), str(paths.model)),
+              AuditModel(opts.unlearn_preset, lambda: load_model(str(run.model), dtype="fp32"), str(run.model),
+                         run_target_layers(run.root))]
+    if attacked is not None:
+        run_cfg = attack["config"]
+        models.append(AuditModel("attacked", lambda: attacked, f"{run.model} after {run_cfg['steps']} steps of the "
+                                 f"tampering attack (lr {attack['runs'][-1]['lr']:g}, {opts.out / 'tamper'})"))
+    result = run_audit(models, tasks, _audit_options(), progress=False)
+    result["phases"] = phases
+    write_audit(result, run.root)
+    return result
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -102,26 +143,29 @@ def run_demo(opts: DemoOptions) -> dict:
 
     t0 = time.time()
     opts.out.mkdir(parents=True, exist_ok=True)
-    _say(opts, f"1/6 toy world in {opts.world_dir}")
+    _say(opts, f"1/7 toy world in {opts.world_dir}")
     paths = build_world(opts.world_dir, opts.world_config, progress=opts.progress)
     tasks = {"forget": load_task(str(paths.forget_mcq)), "retain": load_task(str(paths.retain_mcq))}
-    _say(opts, "2/6 evaluating the base model")
+    _say(opts, "2/7 evaluating the base model")
     baseline, letter_base = _both_styles(*load_model(str(paths.model), dtype="fp32"), tasks)
     _say(opts, f"base model: forget {baseline['forget_acc']:.3f}  retain {baseline['retain_acc']:.3f}")
-    _say(opts, f"3/6 unlearning with preset {opts.unlearn_preset}")
-    run, phases = _unlearn(opts, paths, tasks)
-    _say(opts, "4/6 evaluating the unlearned model")
+    _say(opts, f"3/7 unlearning with preset {opts.unlearn_preset}")
+    run, phases, phase_audits = _unlearn(opts, paths, tasks)
+    _say(opts, "4/7 evaluating the unlearned model")
     unlearned, letter_after = _both_styles(*load_model(str(run.model), dtype="fp32"), tasks)
     write_json(run.eval, {"metric": METRIC, **unlearned, "letter": letter_after})
-    _say(opts, "5/6 tampering attack")
-    attack = _tamper(opts, paths, baseline["forget_acc"])
+    _say(opts, "5/7 tampering attack")
+    attack, attacked = _tamper(opts, paths, baseline["forget_acc"])
+    _say(opts, "6/7 knowledge audit: probes and logit lens per layer")
+    audit = _audit(opts, paths, run, attack, attacked, phase_audits)
     summary = {"baseline": baseline, "unlearned": unlearned, "metric": METRIC, "phases": phases,
                "letter": {"baseline": letter_base, "unlearned": letter_after},
                "tamper": [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p}
                           for p in attack["runs"][0]["curve"]] if attack else None,
+               "audit": str(run.root / "audit.json"), "audit_wall_s": audit["wall_s"],
                "world": str(paths.root), "world_model": _world_model(paths), "unlearn_run": str(run.root),
                "wall_s": None}
-    _say(opts, "6/6 report")
+    _say(opts, "7/7 report")
     write_demo_report(opts.out, summary, read_jsonl(run.metrics))
     summary["wall_s"] = round(time.time() - t0, 1)
     write_json(opts.out / "summary.json", summary)
@@ -168,6 +212,14 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
     if summary["tamper"]:
         lines += ["## Tampering attack", "", (out / "tamper" / "tamper.md").read_text(), "",
                   "![tamper](tamper/tamper.png)", ""]
+    if summary.get("audit"):
+        from sequnlearn.audit import audit_markdown
+        from sequnlearn.runs import read_json
+
+        audit_dir = Path(summary["audit"]).parent
+        lines += ["## Knowledge audit: where the forget answers survive", "",
+                  audit_markdown(read_json(Path(summary["audit"]))),
+                  f"![knowledge audit]({audit_dir.relative_to(out)}/audit.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 

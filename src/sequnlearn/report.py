@@ -331,12 +331,15 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     chance = chance_of(runs)
     rows = table_rows(runs, chance)
     md = markdown_table(rows, baselines)
-    atomic_write_text(out / "report.md", "# Sweep report\n\n" + md)
+    from sequnlearn.audit import report_section
+
+    audit_lines, audit_files = report_section(dirs, out)  # knowledge audits (audit.json) found under dirs
+    atomic_write_text(out / "report.md", "# Sweep report\n\n" + md + "\n".join(["", *audit_lines]))
     atomic_write_text(out / "report.csv", csv_text(rows))
     plot_tradeoff(rows, baselines, out / "tradeoff.png", chance)
     plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png", chance)
     plot_sweep_losses(runs, out / "losses.png")
-    written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"]
+    written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png", *audit_files]
     if tampers:
         merged = {**tampers[0], "runs": [r for t in tampers for r in t["runs"]]}
         plot_tamper(merged, out / "tamper.png")
