@@ -241,7 +241,8 @@ def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progre
     wanted = {k: t for k, t in (("forget", spec.forget_task), ("retain", spec.retain_task)) if t is not None}
     loaded = {k: t if isinstance(t, MCQTask) else load_tasks([t], num_fewshot=spec.num_fewshot)[0]
               for k, t in wanted.items()}
-    res = evaluate(model, tokenizer, list(loaded.values()), style=spec.style, limit=spec.limit,
+    unique = list({t.name: t for t in loaded.values()}.values())  # the same set for both: evaluated once
+    res = evaluate(model, tokenizer, unique, style=spec.style, limit=spec.limit,
                    batch_size=spec.batch_size, num_fewshot=spec.num_fewshot, progress=progress)
     out: dict[str, Any] = {"style": res["style"], "tasks": {}}
     for key, task in loaded.items():
