@@ -233,8 +233,6 @@ def engine_runner(model: torch.nn.Module, s: Setup, batches: list[Batch],
     naive's). ``optimizer_step`` itself, with the losses, backward, clip and AdamW, runs unchanged.
     """
     from sequnlearn.distributed import Process
-
-    from sequnlearn.data.corpora import collate
     from sequnlearn.runs import RunDir
     from sequnlearn.unlearn.engine import Batches, Unlearner
 

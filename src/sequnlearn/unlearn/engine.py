@@ -162,7 +162,7 @@ class Unlearner:
         waits for the device until the step's end: one transfer brings the logged sums, the count
         of skipped micro-batches and the gradient norm to the host, before the optimizer steps.
         """
-        cfg, pos = self.cfg, self.pos
+        pos = self.pos
         lr = self.lr_at(phase, pos.phase_step)
         for group in self.opt.param_groups:
             group["lr"] = lr
