@@ -94,6 +94,14 @@ class Process:
         """FSDP2-shard a model for plain ``model(...)`` calls (see :func:`shard_model`)."""
         shard_model(model, layers, self.device)
 
+    def autocast(self, mixed_precision: str):
+        """The autocast context of ``mixed_precision`` on this device: auto (bf16 on a GPU, off on the
+        CPU), no, bf16 or fp16."""
+        if mixed_precision == "auto":
+            mixed_precision = "bf16" if self.device.type == "cuda" else "no"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def end(self) -> None:
         """Leave the process group (at the end of a command)."""
         if dist.is_available() and dist.is_initialized():

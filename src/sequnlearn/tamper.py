@@ -173,13 +173,12 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
     model.train()
     total = 0.0
     rank, world, device = proc.rank, proc.world, proc.device
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
     for m in range(accum):
         start = step * cfg.batch_size + (m * world + rank) * cfg.per_device_batch_size
         idx = order[(torch.arange(cfg.per_device_batch_size) + start) % len(order)].tolist()  # (b,)
         batch = {k: v.to(device) for k, v in collate([chunks[i] for i in idx], pad_id=0).items()}  # (b, T)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)  # pads left out of the loss
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with proc.autocast(cfg.mixed_precision):
             loss = model(**batch, labels=labels).loss
         total += loss.item() / accum
         if math.isfinite(total):

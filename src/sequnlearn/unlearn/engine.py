@@ -67,10 +67,10 @@ class Batches:
 class Unlearner:
     """Runs the phases of one config on one model; see the module docstring."""
 
-    def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, proc: Process | None = None,
-                 tracker=None):
+    def __init__(self, cfg: UnlearnConfig, model, tokenizer, batches: Batches, run: RunDir, proc: Process | None = None):
         proc = proc or Process()
-        self.cfg, self.tokenizer, self.data, self.run, self.proc, self.tracker = cfg, tokenizer, batches, run, proc, tracker
+        self.cfg, self.tokenizer, self.data, self.run, self.proc = cfg, tokenizer, batches, run, proc
+        self.tracker = None  # an experiment tracker (``report_to``), opened once the run directory is written
         self.layers = cfg.target_layers()
         self.model = self._with_adapter(model)
         lora.lora_dropout_train_mode(self.model)
@@ -86,7 +86,6 @@ class Unlearner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = self._new_optimizer()
         self.accum = proc.micro_batches(cfg.global_batch_size, cfg.per_device_batch_size, "global_batch_size")
-        self.autocast = _autocast_dtype(cfg.mixed_precision, proc.device)
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.pos = Position()
         self._order_cache: dict = {}
@@ -170,8 +169,7 @@ class Unlearner:
         sums = torch.zeros(6, dtype=torch.float64, device=self.proc.device)  # f, r, used, skipped, last bad f, r
         coefs = [self.coefficients_at(phase, pos.phase_step, m) for m in range(self.accum)]
         for m, fb, rb in self._micro_batches(phase, pos.phase_step):
-            f, r = self._micro_step(phase, layer, m, fb, rb, coefs[m])
-            ok = torch.isfinite(f) & torch.isfinite(r)
+            f, r, ok = self._micro_step(phase, layer, m, fb, rb, coefs[m])
             zero = sums.new_zeros(())
             sums += torch.stack([torch.where(ok, f.double(), zero), torch.where(ok, r.double(), zero), ok.double(),
                                  (~ok).double(), zero, zero])
@@ -187,9 +185,9 @@ class Unlearner:
                 "tokens": int(tokens), "tokens_per_s": tokens / dt, "time_s": dt}
 
     def _micro_step(self, phase: int, layer: int, m: int, fb: "HostBatch", rb: "HostBatch",
-                    coef: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                    coef: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward of one micro-batch's forget and retain losses; its gradient is added to the
-        step's where both are finite. Returns the two losses (device scalars)."""
+        step's where both are finite. Returns the two losses and whether both are finite (device scalars)."""
         cfg, world, fc, rc = self.cfg, self.proc.world, *coef
         # Random targets and LoRA dropout are a function of the global micro-batch index, so
         # the run is the same whatever the number of processes and wherever it resumed.
@@ -208,7 +206,7 @@ class Unlearner:
                 g = torch.where(ok, g, torch.zeros((), dtype=g.dtype, device=g.device))
                 g = g if h is None else h.add_(g)
             p.grad = h if g is None else g
-        return f, r
+        return f, r, ok
 
     def _backward_in_parts(self, batch: "HostBatch", loss_fn: Callable[[dict], torch.Tensor], coef: float,
                            by_rows: bool = False) -> torch.Tensor:
@@ -233,7 +231,7 @@ class Unlearner:
             index = [row * width + t for row, length in enumerate(lengths[start:stop]) for t in range(length)]
             part["index"] = to_device(torch.tensor(index, dtype=torch.long), self.proc.device)  # (n,)
             share = (stop - start) / len(lengths) if by_rows else (n / total if total else 1.0)
-            with torch.autocast(self.proc.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with self.proc.autocast(self.cfg.mixed_precision):
                 part_loss = loss_fn(part)
             (coef * share * part_loss).backward()  # a non-finite loss: the micro-batch is dropped
             loss = loss + share * part_loss.detach().float()
@@ -412,13 +410,6 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
                             f"({cfg.global_batch_size}); add data or lower global_batch_size")
         out[kind] = tokenize(texts, tokenizer, cfg.max_length)
     return Batches(out["forget"], out["retain"], tokenizer.pad_token_id)
-
-
-def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``mixed_precision`` (auto: bf16 on a GPU, none on the CPU); None = off."""
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if device.type == "cuda" else "no"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
 
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
