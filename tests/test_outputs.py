@@ -71,3 +71,21 @@ def test_model_card_parses_and_follows_eval_and_tamper(run, tmp_path, capsys):
     assert f"at most **{worst:.4f}**" in card.text and "Not attacked yet" not in card.text
     assert f"| {mcq} | 8 | {acc:.4f} |" in card.text  # the evaluation stays
     capsys.readouterr()
+
+
+def test_tamper_controls_default_to_the_runs_base_model_and_retain_corpus(run, tmp_path, capsys):
+    corpus = tmp_path / "attack.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"virus host gene {i} " * 8}) + "\n" for i in range(40)))
+    mcq = tmp_path / "mcq.jsonl"
+    mcq.write_text("".join(FIXTURE.read_text().splitlines(keepends=True)[:8]))
+    main(["tamper", str(run.root), "--data", str(corpus), "--eval-data", str(mcq), "--steps", "2",
+          "--eval-every", "2", "--controls", "base,retain-tuned,benign", "--set", "batch_size=4",
+          "--set", "max_length=64", "--out", str(tmp_path / "t")])
+    result = json.loads((tmp_path / "t" / "tamper.json").read_text())
+    assert result["config"]["benign_data"] == "tiny:retain" and result["config"]["controls"] == [
+        "base", "retain-tuned", "benign"]
+    assert [(r["model"], r["role"]) for r in result["runs"]] == [
+        (run.root.name, "attack"), ("base (before unlearning)", "base"),
+        ("base + benign fine-tune", "retain-tuned"), (f"{run.root.name} on benign text", "benign")]
+    assert result["worst_case"]["model"] == run.root.name
+    capsys.readouterr()

@@ -12,7 +12,8 @@ from sequnlearn.data.mcq import load_task
 from sequnlearn.errors import UserError
 from sequnlearn.eval import evaluate
 from sequnlearn.model.tiny import byte_tokenizer, tiny_model
-from sequnlearn.tamper import attack, chunk_corpus, tamper, worst_case
+from sequnlearn.tamper import (attack, chunk_corpus, fine_tune, load_attack_texts, load_benign_texts, tamper,
+                               worst_case)
 
 MCQ = str(Path(__file__).parent / "fixtures" / "mcq_60.jsonl")
 TEXTS = ["Which color is painted on crate 0? orange.", "Which animal lives in enclosure 1? lynx."] * 20
@@ -172,3 +173,58 @@ def test_table_shows_the_configured_steps(tmp_path):
     cfg = small_cfg(data=str(corpus), data_fields=["text"], steps=3, eval_every=1, table_steps=[0, 1, 3], eval_limit=4)
     tamper({"tiny": loader}, cfg, tmp_path, progress=False)
     assert "| Step 0 | Step 1 | Step 3 | Max (step) |" in (tmp_path / "tamper.md").read_text()
+
+
+BENIGN = ["The river of town 3 is wide and slow.", "Bread in town 4 is baked at dawn."] * 20
+
+
+def _jsonl(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return str(path)
+
+
+def _losses(curve: list[dict]) -> list:
+    return [p["train_loss"] for p in curve]
+
+
+def test_controls_attack_the_base_model_a_benign_tuned_copy_and_benign_text(tmp_path):
+    cfg = small_cfg(data=_jsonl(tmp_path / "a.jsonl", TEXTS), data_fields=["text"],
+                    controls=["base", "retain-tuned", "benign"], benign_data=_jsonl(tmp_path / "b.jsonl", BENIGN))
+
+    def base():
+        return tiny_model("gpt_neox", seed=5), byte_tokenizer()
+
+    result = tamper({"tiny": loader}, cfg, tmp_path, base=base, progress=False)
+    runs = {r["role"]: r for r in result["runs"]}
+    assert [r["role"] for r in result["runs"]] == ["attack", "base", "retain-tuned", "benign"]
+    assert runs["benign"]["model"] == "tiny on benign text"
+    task = {"forget": load_task(MCQ)}
+    texts, benign = load_attack_texts(cfg), load_benign_texts(cfg)  # the corpora as the attack reads them
+    assert sorted(texts) == sorted(TEXTS) and sorted(benign) == sorted(BENIGN)
+    expected = {  # each control is the same attack on the model it names, with the corpus it names
+        "attack": attack(loader, cfg, lr=1e-3, seed=0, tasks=task, texts=texts, progress=False),
+        "base": attack(base, cfg, lr=1e-3, seed=0, tasks=task, texts=texts, progress=False),
+        "benign": attack(loader, cfg, lr=1e-3, seed=0, tasks=task, texts=benign, progress=False)}
+
+    def tuned():
+        model, tok = base()
+        return fine_tune(model, tok, cfg, benign, lr=1e-3, seed=0, progress=False), tok
+
+    expected["retain-tuned"] = attack(tuned, cfg, lr=1e-3, seed=0, tasks=task, texts=texts, progress=False)
+    for role, curve in expected.items():
+        assert _losses(runs[role]["curve"])[1:] == pytest.approx(_losses(curve)[1:], rel=1e-6), role
+    losses = {role: _losses(r["curve"])[1] for role, r in runs.items()}
+    assert len({round(v, 6) for v in losses.values()}) == 4  # four different attacks, not one run four times
+    assert result["worst_case"]["model"] == "tiny"  # the controls never count as the attacked model's worst case
+    assert "base (before unlearning)" in (tmp_path / "tamper.md").read_text()
+
+
+def test_controls_need_what_they_fine_tune_on_and_the_model_before_unlearning(tmp_path):
+    with pytest.raises(UserError, match="controls \\['retrain'\\] unknown"):
+        small_cfg(controls=["retrain"])
+    with pytest.raises(UserError, match="set benign_data"):
+        small_cfg(controls=["benign"])
+    cfg = small_cfg(data=_jsonl(tmp_path / "a.jsonl", TEXTS), data_fields=["text"], controls=["base"])
+    with pytest.raises(UserError, match="--base-model"):
+        tamper({"tiny": loader}, cfg, tmp_path, progress=False)
+    assert not (tmp_path / "tamper.json").exists()

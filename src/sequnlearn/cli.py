@@ -193,6 +193,12 @@ def _add_tamper(sub) -> None:
     p.add_argument("--seeds", help="seed(s), comma-separated (default 42)")
     p.add_argument("--style", choices=["letter", "cloze"], help="evaluation scoring style")
     p.add_argument("--baseline", type=float, help="forget accuracy before unlearning (plotted)")
+    p.add_argument("--controls", help="comparison attacks, comma-separated: base (the relearning baseline: the "
+                   "model before unlearning), retain-tuned (it after the same fine-tune on benign text), benign "
+                   "(each model fine-tuned on benign text instead)")
+    p.add_argument("--base-model", help="the model before unlearning, for the base / retain-tuned controls "
+                   "(default: the attacked run's model)")
+    p.add_argument("--benign-data", help="benign corpus of the controls (default: the attacked run's retain corpus)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any tamper config key")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory for tamper.json, tamper.png, tamper.md")
@@ -205,13 +211,20 @@ def cmd_tamper(args) -> None:
     from sequnlearn.model.load import inspect_model, load_model, model_source
     from sequnlearn.tamper import tamper
 
+    run_cfg = _first_run_config(args.models)
     flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
              "steps": args.steps, "eval_every": args.eval_every, "eval_style": args.style,
-             "lrs": _csv(args.lr), "seeds": _csv(args.seeds)}
+             "lrs": _csv(args.lr), "seeds": _csv(args.seeds), "controls": _csv(args.controls),
+             "benign_data": args.benign_data}
+    if args.controls and not args.benign_data and run_cfg.get("retain_data"):  # the run's retain corpus
+        flags.update(benign_data=run_cfg["retain_data"], benign_subset=run_cfg.get("retain_subset"),
+                     benign_fields=_csv(",".join(run_cfg.get("retain_fields") or ["text"])))
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
     cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
     sources = {_label(m): model_source(m) for m in args.models}
-    for src in sources.values():
+    base_src = args.base_model or run_cfg.get("model")
+    needs_base = base_src is not None and {"base", "retain-tuned"} & set(cfg.controls)
+    for src in [*sources.values(), *([base_src] if needs_base else [])]:
         inspect_model(src, max_length=cfg.max_length)
     proc = _processes()  # under `accelerate launch`: one slice of each batch per process
     out = Path(args.out)
@@ -219,12 +232,25 @@ def cmd_tamper(args) -> None:
     device = str(proc.device) if args.device == "auto" and proc.world > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
-    result = tamper(loaders, cfg, out, baseline=args.baseline, proc=proc)
+    base = (lambda: load_model(base_src, dtype=cfg.weights_dtype(), device=device)) if needs_base else None
+    result = tamper(loaders, cfg, out, baseline=args.baseline, base=base, proc=proc)
     if not proc.is_main:
         return
     _record_tamper(args.models, result, out)
     print((out / "tamper.md").read_text(), end="")
     print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
+
+
+def _first_run_config(models: list[str]) -> dict:
+    """The config of the first attacked model that is a finished unlearning run ({} when none is)."""
+    from sequnlearn import io
+    from sequnlearn.runs import run_of_model
+
+    for m in models:
+        run = run_of_model(m)
+        if run is not None and (run.root / "config.yaml").is_file():
+            return io.read_yaml(run.root / "config.yaml", "run config")
+    return {}
 
 
 def _record_tamper(models: list[str], result: dict, out: Path) -> None:

@@ -20,6 +20,8 @@ from sequnlearn.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LR_SCHEDULES = ("constant", "linear", "cosine")
+CONTROLS = ("base", "retain-tuned", "benign")
+"""The comparison attacks a tamper config can add (see :attr:`TamperConfig.controls`)."""
 
 
 @dataclass
@@ -275,6 +277,19 @@ class TamperConfig:
     """Autocast of the attack's forward: auto (bf16 on a GPU, none on the CPU), no, bf16."""
     gradient_checkpointing: bool | None = None
     """None = on with a GPU."""
+    controls: list[str] = field(default_factory=list)
+    """Attacks to compare the attacked models with (each with the same settings, lrs and seeds):
+    ``base`` (the relearning baseline: the model before unlearning, which knows the forget answers),
+    ``retain-tuned`` (the model before unlearning after as many steps of the same fine-tune on
+    ``benign_data``: as much training, no unlearning) and ``benign`` (each attacked model fine-tuned
+    on ``benign_data`` instead of the attack corpus: does unrelated text bring the answers back?)."""
+    benign_data: str | None = None
+    """Benign corpus of the ``retain-tuned`` and ``benign`` controls (hub id or local file), read
+    with ``benign_fields``; the retain corpus of the unlearning run is the natural choice."""
+    benign_subset: str | None = None
+    """Hub dataset configuration name of the benign corpus."""
+    benign_fields: list[str] = field(default_factory=lambda: ["text"])
+    """Text fields of a benign record, joined by a blank line."""
 
     def weights_dtype(self) -> str:
         """The dtype to load the attacked weights in (see ``dtype``)."""
@@ -312,6 +327,12 @@ class TamperConfig:
             raise UserError(f"lrs must be positive learning rates (got {self.lrs})")
         if not self.seeds:
             raise UserError("seeds is empty; give at least one seed")
+        unknown = sorted(set(self.controls) - set(CONTROLS))
+        if unknown:
+            raise UserError(f"controls {unknown} unknown; choose from {', '.join(CONTROLS)}")
+        if {"retain-tuned", "benign"} & set(self.controls) and not self.benign_data:
+            raise UserError("controls retain-tuned and benign fine-tune on benign text; set benign_data "
+                            "(e.g. the unlearning run's retain corpus)")
         if self.batch_size % self.per_device_batch_size:
             raise UserError(f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
                             f"{self.per_device_batch_size}; change one of them")

@@ -2,7 +2,9 @@
 forget accuracy comes back (evaluated in-process every k steps, step 0 included).
 
 A removal that ten steps of fine-tuning undo is not a removal: this is the reference's
-last experiment as a command. Every evaluation that fails stops the attack with an error;
+last experiment as a command. Its ``controls`` say what the recovery is measured against: the same
+attack on the model before unlearning (the relearning baseline), on that model after as much
+fine-tuning on benign text, and benign text as the attack corpus (does any fine-tune undo it?). Every evaluation that fails stops the attack with an error;
 no value is ever filled in.
 
 Under ``accelerate launch`` / ``torchrun`` every process trains on its slice of each global batch
@@ -129,10 +131,33 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     Returns:
         The curve: ``[{step, forget_acc, retain_acc?, train_loss}]``, step 0 first.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     model, tokenizer = load()
+    curve: list[dict] = []
+
+    def evaluate(step: int, loss: float | None, sharded: bool, proc: Process) -> None:
+        curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": loss})
+
+    fine_tune(model, tokenizer, cfg, texts, lr=lr, seed=seed, proc=proc, on_eval=evaluate,
+              desc=f"tamper lr={lr:g} seed={seed}", progress=progress)
+    return curve
+
+
+def fine_tune(model, tokenizer, cfg: TamperConfig, texts: list[str], *, lr: float, seed: int,
+              proc: Process | None = None, on_eval: Callable | None = None, desc: str = "fine-tune",
+              progress: bool = True):
+    """Fine-tune ``model`` in place on ``texts`` as the attack does (its steps, batch, optimizer, lr
+    schedule, precision and data order for ``seed``).
+
+    Args:
+        on_eval: called as ``on_eval(step, train_loss, sharded, proc)`` at step 0 (loss None), every
+            ``eval_every`` steps and at the last step; None evaluates nothing.
+
+    Returns:
+        The trained model (the same object, or the LoRA-wrapped one when ``cfg.method`` is lora).
+    """
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     chunks = make_chunks(texts, tokenizer, cfg)
     steps = attack_steps(cfg, len(chunks))
@@ -149,16 +174,16 @@ def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict
     # The HF Trainer's seeded sampler gives this same order for its first epoch.
     order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(seed))
     accum = proc.micro_batches(cfg.batch_size, cfg.per_device_batch_size, "batch_size")
-    progress = progress and proc.is_main
-    curve = [{"step": 0, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": None}]
-    bar = tqdm(range(1, steps + 1), desc=f"tamper lr={lr:g} seed={seed}", disable=not progress, dynamic_ncols=True)
+    on_eval = on_eval or (lambda *args: None)
+    on_eval(0, None, sharded, proc)
+    bar = tqdm(range(1, steps + 1), desc=desc, disable=not (progress and proc.is_main), dynamic_ncols=True)
     for step in bar:
         step_lr = lr * lr_factor(cfg.lr_schedule, step - 1, steps, cfg.warmup_steps)
         loss = _train_step(model, opt, chunks, order, step - 1, cfg, accum, step_lr, proc, sharded)
-        bar.set_postfix(loss=f"{loss:.3f}", forget=f"{curve[-1]['forget_acc']:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if step % cfg.eval_every == 0 or step == steps:
-            curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": loss})
-    return curve
+            on_eval(step, loss, sharded, proc)
+    return model
 
 
 def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: int, lr: float, proc: Process,
@@ -205,10 +230,19 @@ def load_attack_texts(cfg: TamperConfig) -> list[str]:
     return load_texts(spec, limit=cfg.num_train_examples, seed=0)
 
 
+def load_benign_texts(cfg: TamperConfig) -> list[str]:
+    """The benign corpus of the controls: as many documents as the attack corpus takes, shuffled."""
+    return load_texts(CorpusSpec(cfg.benign_data, cfg.benign_subset, "train", tuple(cfg.benign_fields)),
+                      limit=cfg.num_train_examples, seed=0)
+
+
 def worst_case(runs: list[dict]) -> dict:
-    """The highest forget accuracy any attack reached: ``{model, lr, seed, step, forget_acc}``."""
+    """The highest forget accuracy an attack on an attacked model reached (controls left out):
+    ``{model, lr, seed, step, forget_acc}``."""
     best = None
     for run in runs:
+        if run.get("role", "attack") != "attack":
+            continue
         for point in run["curve"]:
             if best is None or point["forget_acc"] > best["forget_acc"]:
                 best = {"model": run["model"], "lr": run["lr"], "seed": run["seed"], "step": point["step"],
@@ -216,16 +250,50 @@ def worst_case(runs: list[dict]) -> dict:
     return best
 
 
+CONTROL_LABELS = {"base": "base (before unlearning)", "retain-tuned": "base + benign fine-tune"}
+"""Labels of the control attacks on the model before unlearning."""
+
+
+def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, texts: list[str],
+          benign: list[str] | None, progress: bool, proc: Process) -> list[tuple]:
+    """The attacks to run: ``(label, role, loader_for(lr, seed), corpus)``, attacked models first."""
+    plan = [(label, "attack", lambda lr, seed, load=load: load, texts) for label, load in models.items()]
+    if {"base", "retain-tuned"} & set(cfg.controls) and base is None:
+        raise UserError("controls base and retain-tuned attack the model before unlearning; give it "
+                        "(sequnlearn tamper --base-model PATH, or attack a run directory)")
+    if "base" in cfg.controls:
+        plan.append((CONTROL_LABELS["base"], "base", lambda lr, seed: base, texts))
+    if "retain-tuned" in cfg.controls:
+        def tuned(lr: float, seed: int) -> Loader:
+            def load():
+                torch.manual_seed(seed)
+                model, tokenizer = base()
+                model = fine_tune(model, tokenizer, cfg, benign, lr=lr, seed=seed, proc=proc,
+                                  desc=f"benign fine-tune lr={lr:g} seed={seed}", progress=progress)
+                return model, tokenizer
+            return load
+        plan.append((CONTROL_LABELS["retain-tuned"], "retain-tuned", tuned, texts))
+    if "benign" in cfg.controls:
+        plan += [(f"{label} on benign text", "benign", lambda lr, seed, load=load: load, benign)
+                 for label, load in models.items()]
+    return plan
+
+
 def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline: float | None = None,
-           progress: bool = True, proc: Process | None = None) -> dict:
-    """Attack each model with every (lr, seed); write ``tamper.json``, ``tamper.png``, ``tamper.md``.
+           base: Loader | None = None, progress: bool = True, proc: Process | None = None) -> dict:
+    """Attack each model with every (lr, seed), and run ``cfg.controls``; write ``tamper.json``,
+    ``tamper.png``, ``tamper.md``.
 
     Args:
         models: label → loader returning fresh ``(model, tokenizer)``.
         baseline: forget accuracy of the model before unlearning (a line on the plot).
+        base: loader of the model before unlearning (needed by the ``base`` and ``retain-tuned`` controls).
 
     Returns:
-        The ``tamper.json`` content.
+        The ``tamper.json`` content; each run has ``role``: ``attack`` or the control's name.
+
+    Raises:
+        UserError: a control needs ``base`` and none was given.
     """
     from sequnlearn.data.mcq import load_task
     from sequnlearn.eval import chance_level
@@ -235,15 +303,18 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
     texts = load_attack_texts(cfg)
+    benign = load_benign_texts(cfg) if cfg.benign_data else None
     proc = proc or Process.current()
+    plan = _plan(models, cfg, base, texts, benign, progress, proc)
     main = proc.is_main
     t0, runs = time.time(), []
     result = {"config": asdict(cfg), "baseline": baseline, "chance": chance_level(tasks["forget"]), "runs": runs}
-    for label, load in models.items():
+    for label, role, loader_for, corpus in plan:
         for lr in cfg.lrs:
             for seed in cfg.seeds:
-                curve = attack(load, cfg, lr=lr, seed=seed, tasks=tasks, texts=texts, progress=progress, proc=proc)
-                runs.append({"model": label, "lr": lr, "seed": seed, "curve": curve})
+                curve = attack(loader_for(lr, seed), cfg, lr=lr, seed=seed, tasks=tasks, texts=corpus,
+                               progress=progress, proc=proc)
+                runs.append({"model": label, "role": role, "lr": lr, "seed": seed, "curve": curve})
                 result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
                 if main:
                     write_json(out / "tamper.json", result)  # after every attack: a kill loses at most one
