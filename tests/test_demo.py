@@ -53,3 +53,15 @@ def test_unlearning_lowers_forget_and_keeps_retain(demo):
     assert after["forget_acc"] <= base["forget_acc"] - 0.2
     assert after["retain_acc"] >= base["retain_acc"] - 0.1
     assert summary["tamper"][0]["forget_acc"] == pytest.approx(after["forget_acc"])
+
+
+def test_demo_attacks_the_controls(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    controls = summary["tamper_controls"]
+    assert set(controls) == {"base", "retain-tuned", "benign"}
+    assert controls["base"][0]["forget_acc"] == pytest.approx(summary["baseline"]["forget_acc"])
+    assert controls["benign"][0]["forget_acc"] == pytest.approx(summary["unlearned"]["forget_acc"])
+    assert len(controls["retain-tuned"]) == len(summary["tamper"])
+    table = (demo / "tamper" / "tamper.md").read_text()
+    assert "base (before unlearning)" in table and "on benign text" in table
+    assert "relearning baseline" in (demo / "report.md").read_text()

@@ -83,8 +83,8 @@ def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict],
 
 
 def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tuple | None]:
-    """The attack on the unlearned model; returns its result and the attacked ``(model, tokenizer)``
-    (the last attack's, trained in place)."""
+    """The attack on the unlearned model and its controls (the preset's); returns the result and the
+    attacked ``(model, tokenizer)`` (the first attack's, trained in place)."""
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import load_model
     from sequnlearn.runs import prepare_out_dir
@@ -93,7 +93,8 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tup
     if opts.tamper_preset is None:
         _say(opts, "tamper attack skipped")
         return None, None
-    world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}"]
+    world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}",
+             f"benign_data={paths.retain_corpus}"]
     cfg = load_config(TamperConfig, preset=opts.tamper_preset, overrides=world + list(opts.tamper_overrides))
     out = prepare_out_dir(opts.out / "tamper", overwrite=True)
     unlearned = opts.out / "unlearn" / "model"
@@ -103,8 +104,11 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tup
         attacked.append(load_model(str(unlearned), dtype="fp32"))
         return attacked[-1]
 
-    result = tamper({"toy-l2": load}, cfg, out, baseline=baseline, progress=opts.progress)
-    return result, attacked[-1]
+    def base():
+        return load_model(str(paths.model), dtype="fp32")
+
+    result = tamper({opts.unlearn_preset: load}, cfg, out, baseline=baseline, base=base, progress=opts.progress)
+    return result, attacked[0]
 
 
 def _audit_options():
@@ -128,7 +132,7 @@ def _audit(opts: DemoOptions, paths, run: RunDir, attack: dict | None, attacked:
     if attacked is not None:
         run_cfg = attack["config"]
         models.append(AuditModel("attacked", lambda: attacked, f"{run.model} after {run_cfg['steps']} steps of the "
-                                 f"tampering attack (lr {attack['runs'][-1]['lr']:g}, {opts.out / 'tamper'})"))
+                                 f"tampering attack (lr {attack['runs'][0]['lr']:g}, {opts.out / 'tamper'})"))
     result = run_audit(models, tasks, _audit_options(), progress=False)
     result["phases"] = phases
     write_audit(result, run.root)
@@ -160,8 +164,8 @@ def run_demo(opts: DemoOptions) -> dict:
     audit = _audit(opts, paths, run, attack, attacked, phase_audits)
     summary = {"baseline": baseline, "unlearned": unlearned, "metric": METRIC, "phases": phases,
                "letter": {"baseline": letter_base, "unlearned": letter_after},
-               "tamper": [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p}
-                          for p in attack["runs"][0]["curve"]] if attack else None,
+               "tamper": _curve(attack["runs"][0]) if attack else None,
+               "tamper_controls": {r["role"]: _curve(r) for r in attack["runs"][1:]} if attack else None,
                "audit": str(run.root / "audit.json"), "audit_wall_s": audit["wall_s"],
                "world": str(paths.root), "world_model": _world_model(paths), "unlearn_run": str(run.root),
                "wall_s": None}
@@ -171,6 +175,11 @@ def run_demo(opts: DemoOptions) -> dict:
     write_json(opts.out / "summary.json", summary)
     _say(opts, f"done in {summary['wall_s']:.0f}s: {opts.out / 'report.md'}")
     return summary
+
+
+def _curve(run: dict) -> list[dict]:
+    """An attack's curve as the summary keeps it: step, forget and retain accuracy."""
+    return [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p} for p in run["curve"]]
 
 
 def _world_model(paths) -> dict:
@@ -210,7 +219,7 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
               for p in summary["phases"]]
     lines += ["", "![accuracy per phase](accuracy_per_phase.png)", "", "![losses](losses.png)", ""]
     if summary["tamper"]:
-        lines += ["## Tampering attack", "", (out / "tamper" / "tamper.md").read_text(), "",
+        lines += ["## Tampering attack", "", CONTROLS_NOTE, "", (out / "tamper" / "tamper.md").read_text(), "",
                   "![tamper](tamper/tamper.png)", ""]
     if summary.get("audit"):
         from sequnlearn.audit import audit_markdown
@@ -221,6 +230,13 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
                   audit_markdown(read_json(Path(summary["audit"]))),
                   f"![knowledge audit]({audit_dir.relative_to(out)}/audit.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+CONTROLS_NOTE = ("The attack fine-tunes on the forget corpus. Its controls, same settings: *base (before "
+                 "unlearning)* is the relearning baseline (a model that knows the answers); *base + benign "
+                 "fine-tune* is that model after as many steps on the retain corpus, then attacked; *on benign "
+                 "text* fine-tunes the unlearned model on the retain corpus instead (does any fine-tune bring the "
+                 "answers back?).")
 
 
 def _note(base: dict, after: dict) -> str:
