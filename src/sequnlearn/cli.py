@@ -482,7 +482,12 @@ def cmd_sweep(args) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="tables (markdown, CSV) and plots from run directories")
+    p = sub.add_parser("report", help="tables (markdown, CSV) and plots from run directories",
+                       description="report.md and report.csv (a row per run), report_seeds.csv (a row per group "
+                                   "of runs that differ only in seed: mean, sd, n), tradeoff.png, "
+                                   "forget_vs_remove_coef.png, losses.png, and tamper.png / audit.png when "
+                                   "tamper.json / audit.json are found. With several seeds per setting report.md "
+                                   "adds an 'Across seeds' table (mean ± sd) and the plots show error bars.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively)")
     p.add_argument("--out", help="where to write (default: the first DIR)")
     p.set_defaults(func=cmd_report)

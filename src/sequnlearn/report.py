@@ -1,7 +1,8 @@
 """Tables and plots from result files: a pure function of what is on disk.
 
 Plots are PNGs readable at paper size (matplotlib, Agg backend); tables are markdown in the
-reference's style.
+reference's style. Runs that differ only in their seed are one setting: its numbers are the mean ±
+sample sd over the seeds (tables) and error bars or bands (plots), a single run's number stands alone.
 """
 
 from __future__ import annotations
@@ -32,14 +33,43 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1) of ``values``; the sd is None for a single value.
+
+    Raises:
+        ValueError: ``values`` is empty.
+    """
+    import statistics
+
+    if not values:
+        raise ValueError("spread() needs at least one value")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pm(mean: float | None, sd: float | None = None) -> str:
+    """``mean ± sd`` to four decimals; the mean alone when there is no spread, ``-`` when no mean."""
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
+
+
 def plot_tamper(result: dict, path: Path) -> None:
-    """Forget accuracy vs attack step, one line per (model, lr, seed), with baseline and chance lines."""
+    """Forget accuracy vs attack step with baseline and chance lines: one line per (model, lr), the
+    mean over its seeds with a ±sd band when it has several, else the one attack (labelled by seed)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for run in result["runs"]:
-        steps = [p["step"] for p in run["curve"]]
-        ax.plot(steps, [p["forget_acc"] for p in run["curve"]], marker="o", ms=3,
-                label=f"{run['model']} lr={run['lr']:g} seed={run['seed']}")
+    for (model, lr), runs in by_model_lr(result["runs"]).items():
+        if len(runs) == 1:
+            steps = [p["step"] for p in runs[0]["curve"]]
+            ax.plot(steps, [p["forget_acc"] for p in runs[0]["curve"]], marker="o", ms=3,
+                    label=f"{model} lr={lr:g} seed={runs[0]['seed']}")
+        else:
+            curve = seed_curve(runs)
+            steps, mean = [c["step"] for c in curve], [c["mean"] for c in curve]
+            sd = [c["sd"] or 0.0 for c in curve]
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{model} lr={lr:g} mean ± sd, {len(runs)} seeds")
+            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=line.get_color(), alpha=0.2, lw=0)
     if result.get("baseline") is not None:
         ax.axhline(result["baseline"], color="k", ls="--", lw=1, label="before unlearning")
     ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="random chance")
@@ -50,6 +80,29 @@ def plot_tamper(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def by_model_lr(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Attacks grouped by (model, lr), in order of first appearance; each group's runs differ in seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["lr"]), []).append(run)
+    return groups
+
+
+def seed_curve(runs: list[dict]) -> list[dict]:
+    """Forget accuracy across the seeds of one (model, lr) per attack step.
+
+    Returns:
+        ``[{step, mean, sd, n}]`` for every step any attack evaluated, over the attacks evaluated
+        there (``sd`` None when only one was).
+    """
+    curve = []
+    for step in sorted({p["step"] for run in runs for p in run["curve"]}):
+        values = [v for v in (_at_step(run["curve"], step) for run in runs) if v is not None]
+        mean, sd = spread(values)
+        curve.append({"step": step, "mean": mean, "sd": sd, "n": len(values)})
+    return curve
+
+
 def _at_step(curve: list[dict], step: int) -> float | None:
     for point in curve:
         if point["step"] == step:
@@ -58,23 +111,43 @@ def _at_step(curve: list[dict], step: int) -> float | None:
 
 
 def tamper_table(result: dict) -> str:
-    """Markdown: one row per attack with Step 0 / first evaluation / last step and the maximum."""
+    """Markdown: one row per attack with Step 0 / first evaluation / last step and the maximum; when a
+    (model, lr) was attacked with several seeds, a second table of their mean ± sd at the same steps."""
     cfg = result["config"]
     last = max(p["step"] for run in result["runs"] for p in run["curve"])
     cols = sorted(cfg.get("table_steps") or {0, cfg["eval_every"], last})
-    head = "| Model | lr | seed | " + " | ".join(f"Step {s}" for s in cols) + " | Max (step) |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    steps = " | ".join(f"Step {s}" for s in cols)
+    rows = []
     for run in result["runs"]:
-        vals = [_at_step(run["curve"], s) for s in cols]
         top = max(run["curve"], key=lambda p: p["forget_acc"])
-        cells = " | ".join("-" if v is None else f"{v:.4f}" for v in vals)
-        lines.append(f"| {run['model']} | {run['lr']:g} | {run['seed']} | {cells} | "
-                     f"{top['forget_acc']:.4f} ({top['step']}) |")
+        cells = " | ".join(pm(_at_step(run["curve"], s)) for s in cols)
+        rows.append(f"| {run['model']} | {run['lr']:g} | {run['seed']} | {cells} | "
+                    f"{top['forget_acc']:.4f} ({top['step']}) |")
+    lines = [*_md_head(f"Model | lr | seed | {steps} | Max (step)"), *rows]
+    groups = by_model_lr(result["runs"])
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += ["", "Across seeds: mean ± sd (sample sd) over the attacks evaluated at each step.", "",
+                  *_md_head(f"Model | lr | n | seeds | {steps} | Max mean (step)"),
+                  *(_seed_row(model, lr, runs, cols) for (model, lr), runs in groups.items())]
     w = result["worst_case"]
     lines += ["", f"Worst case: forget accuracy {w['forget_acc']:.4f} at step {w['step']} "
                   f"({w['model']}, lr={w['lr']:g}, seed={w['seed']}); random chance {result['chance']:.2f}"
                   + (f", before unlearning {result['baseline']:.4f}." if result.get("baseline") is not None else ".")]
     return "\n".join(lines) + "\n"
+
+
+def _seed_row(model: str, lr: float, runs: list[dict], cols: list[int]) -> str:
+    """A tamper-table row of one (model, lr): forget accuracy mean ± sd over its seeds at ``cols``."""
+    curve = {c["step"]: c for c in seed_curve(runs)}
+    cells = " | ".join(pm(curve[s]["mean"], curve[s]["sd"]) if s in curve else "-" for s in cols)
+    top = max(curve.values(), key=lambda c: c["mean"])
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    return f"| {model} | {lr:g} | {len(runs)} | {seeds} | {cells} | {pm(top['mean'], top['sd'])} ({top['step']}) |"
+
+
+def _md_head(cols: str) -> list[str]:
+    """Header and rule lines of a markdown table from ``"A | B | C"``."""
+    return [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1)]
 
 
 def plot_losses(metrics: list[dict], path: Path, title: str = "Unlearning losses per step") -> None:
@@ -171,31 +244,99 @@ def _layers(cfg: dict) -> str:
 
 def annotate(runs: list[dict], chance: float = CHANCE_4WAY) -> list[str]:
     """Notes per run: below random, retain collapsed, best per retain loss (lowest forget, retain intact)."""
-    notes = [[] for _ in runs]
-    for i, r in enumerate(runs):
-        if r["eval"]["forget_acc"] < chance:
+    return _notes([{"loss": r["config"]["retain_loss"], "forget": r["eval"]["forget_acc"],
+                    "retain": r["eval"].get("retain_acc"), "sd": None} for r in runs], chance, "run")
+
+
+def _notes(points: list[dict], chance: float, label: str) -> list[str]:
+    """Notes per point (``{loss, forget, retain, sd}``, accuracies or their means, ``sd`` the forget sd).
+
+    Below random, retain collapsed, and per retain loss the best (lowest forget of those whose retain
+    is intact), said to be within the spread of the runner-up (``label`` k) when it is.
+    """
+    notes = [[] for _ in points]
+    for i, p in enumerate(points):
+        if p["forget"] < chance:
             notes[i].append(f"Below random ({chance:.2f})")
-        retain = r["eval"].get("retain_acc")
-        if retain is not None and retain <= chance + RETAIN_COLLAPSE_MARGIN:
+        if p["retain"] is not None and p["retain"] <= chance + RETAIN_COLLAPSE_MARGIN:
             notes[i].append("Retain collapsed")
-    for loss in sorted({r["config"]["retain_loss"] for r in runs}):
-        ok = [i for i, r in enumerate(runs) if r["config"]["retain_loss"] == loss and "Retain collapsed" not in notes[i]]
+    for loss in sorted({p["loss"] for p in points}):
+        ok = sorted((i for i, p in enumerate(points) if p["loss"] == loss and "Retain collapsed" not in notes[i]),
+                    key=lambda i: points[i]["forget"])
         if ok:
-            best = min(ok, key=lambda i: runs[i]["eval"]["forget_acc"])
-            notes[best].append(f"Best {loss.upper()}")
+            notes[ok[0]].append(f"Best {loss.upper()}" + _within_spread(points, ok, label))
     return ["; ".join(n) for n in notes]
+
+
+def _within_spread(points: list[dict], ranked: list[int], label: str) -> str:
+    """`` (within spread of LABEL k)`` when the runner-up's forget is within one sd (the larger of the
+    two known) of the best's, else ``""`` (also when neither has a spread)."""
+    if len(ranked) < 2:
+        return ""
+    best, second = points[ranked[0]], points[ranked[1]]
+    sds = [sd for sd in (best["sd"], second["sd"]) if sd is not None]
+    if sds and second["forget"] - best["forget"] <= max(sds):
+        return f" (within spread of {label} {ranked[1] + 1})"
+    return ""
+
+
+def _setting(cfg: dict) -> dict:
+    """The columns that name a run's setting in the reference's tables."""
+    return {"Layers": _layers(cfg), "remove_coef": cfg["remove_coef"], "retain_coef": cfg["retain_coef"],
+            "retain loss": cfg["retain_loss"].upper()}
 
 
 def table_rows(runs: list[dict], chance: float = CHANCE_4WAY) -> list[dict]:
     """One row per run in the reference's columns."""
     notes = annotate(runs, chance)
-    rows = []
-    for i, (r, note) in enumerate(zip(runs, notes), start=1):
-        c, e = r["config"], r["eval"]
-        rows.append({"Run": i, "Layers": _layers(c), "remove_coef": c["remove_coef"], "retain_coef": c["retain_coef"],
-                     "retain loss": c["retain_loss"].upper(), "forget acc": e["forget_acc"],
-                     "retain acc": e.get("retain_acc"), "Notes": note, "path": r["path"]})
-    return rows
+    return [{"Run": i, **_setting(r["config"]), "forget acc": r["eval"]["forget_acc"],
+             "retain acc": r["eval"].get("retain_acc"), "Notes": note, "path": r["path"]}
+            for i, (r, note) in enumerate(zip(runs, notes), start=1)]
+
+
+# ---------------------------------------------------------------------- across seeds
+
+OUTPUT_ONLY_KEYS = ("checkpoint_every", "report_to")
+"""Config keys that say only what is written where; runs that differ in them (and in ``seed``) are one setting."""
+
+
+SEEDS_NOTE = ("Runs whose configs differ only in `seed` (or where outputs go) form a group: forget and retain "
+              "accuracy as mean ± sample sd (ddof=1) over its n seeds, the value alone for n = 1. Notes use the "
+              "means; a best within one sd (the larger of the two) of the runner-up says so.")
+"""What the "Across seeds" table of ``report.md`` shows, written above it."""
+
+
+def seed_groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs whose configs are equal except for ``seed`` and :data:`OUTPUT_ONLY_KEYS`, in order of first appearance."""
+    import json
+
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        setting = {k: v for k, v in r["config"].items() if k != "seed" and k not in OUTPUT_ONLY_KEYS}
+        groups.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(r)
+    return list(groups.values())
+
+
+def _group_stats(group: list[dict]) -> dict:
+    """Forget and retain accuracy of a seed group: means and sample sds (retain None if a run has none)."""
+    forget, forget_sd = spread([r["eval"]["forget_acc"] for r in group])
+    retains = [r["eval"].get("retain_acc") for r in group]
+    retain, retain_sd = (None, None) if None in retains else spread(retains)
+    return {"loss": group[0]["config"]["retain_loss"], "forget": forget, "sd": forget_sd, "retain": retain,
+            "retain_sd": retain_sd}
+
+
+def group_rows(runs: list[dict], chance: float = CHANCE_4WAY) -> list[dict]:
+    """One row per seed group (:func:`seed_groups`): accuracies as mean, sample sd (None for one run)
+    and n, the seeds, notes from the means, and the run directories."""
+    groups = seed_groups(runs)
+    stats = [_group_stats(g) for g in groups]
+    notes = _notes(stats, chance, "group")
+    return [{"Group": i, **_setting(g[0]["config"]), "forget mean": s["forget"], "forget sd": s["sd"],
+             "retain mean": s["retain"], "retain sd": s["retain_sd"], "n": len(g),
+             "seeds": ", ".join(str(r["config"].get("seed")) for r in g), "Notes": note,
+             "paths": "; ".join(r["path"] for r in g)}
+            for i, (g, s, note) in enumerate(zip(groups, stats, notes), start=1)]
 
 
 def _cell(v) -> str:
@@ -206,16 +347,26 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _markdown(cols: list[str], rows: list[dict]) -> str:
+    """A markdown table of ``rows`` in the columns ``cols``."""
+    lines = _md_head(" | ".join(cols)) + ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: list[dict], baselines: list[dict]) -> str:
     """The table in the reference's format, baselines first."""
     cols = ["Run", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", "Notes"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for b in baselines:
-        e = b["eval"]
-        lines.append(f"| baseline | - | - | - | - | {_cell(e['forget_acc'])} | {_cell(e.get('retain_acc'))} | "
-                     f"{e.get('model', '')} |")
-    lines += ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    base = [{**dict.fromkeys(cols, "-"), "Run": "baseline", "forget acc": b["eval"]["forget_acc"],
+             "retain acc": b["eval"].get("retain_acc"), "Notes": b["eval"].get("model", "")} for b in baselines]
+    return _markdown(cols, base + rows)
+
+
+def seeds_table(groups: list[dict]) -> str:
+    """Markdown: one row per seed group, accuracies as ``mean ± sd`` (the value alone when n = 1)."""
+    cols = ["Group", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", "n", "seeds",
+            "Notes"]
+    return _markdown(cols, [{**g, "forget acc": pm(g["forget mean"], g["forget sd"]),
+                             "retain acc": pm(g["retain mean"], g["retain sd"])} for g in groups])
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -237,21 +388,47 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: float = CHANCE_4WAY) -> None:
-    """Forget vs retain accuracy scatter with the Pareto front, baseline and chance lines."""
+def _errors(groups: list[dict], key: str) -> list[float] | None:
+    """Error-bar lengths (``key``, an sd; 0 where None), or None when no group has a spread."""
+    errs = [g[key] or 0.0 for g in groups]
+    return errs if any(errs) else None
+
+
+def _repeated(groups: list[dict]) -> bool:
+    """True when some seed group holds more than one run (its runs are drawn faintly behind the mean)."""
+    return any(g["n"] > 1 for g in groups)
+
+
+def plot_tradeoff(groups: list[dict], baselines: list[dict], path: Path, chance: float = CHANCE_4WAY,
+                  runs: list[dict] = ()) -> None:
+    """Forget vs retain accuracy with the Pareto front, baseline and chance lines.
+
+    Args:
+        groups: :func:`group_rows`; a point per group at its means, sd error bars when n > 1.
+        runs: :func:`table_rows`; drawn faintly when a group has several runs.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
-    pts = [(r["forget acc"], r["retain acc"]) for r in rows if r["retain acc"] is not None]
+    groups = [g for g in groups if g["retain mean"] is not None]
+    pts = [(g["forget mean"], g["retain mean"]) for g in groups]
     for loss, marker in (("L2", "o"), ("KL", "s")):
-        sel = [r for r in rows if r["retain loss"] == loss and r["retain acc"] is not None]
-        ax.scatter([r["forget acc"] for r in sel], [r["retain acc"] for r in sel], marker=marker, label=loss, zorder=3)
+        sel = [g for g in groups if g["retain loss"] == loss]
+        if not sel:
+            continue
+        bars = ax.errorbar([g["forget mean"] for g in sel], [g["retain mean"] for g in sel], fmt=marker,
+                           xerr=_errors(sel, "forget sd"), yerr=_errors(sel, "retain sd"), capsize=3, label=loss,
+                           zorder=3)
+        faint = ([r for r in runs if r["retain loss"] == loss and r["retain acc"] is not None]
+                 if _repeated(groups) else [])
+        ax.scatter([r["forget acc"] for r in faint], [r["retain acc"] for r in faint], marker=marker, s=14,
+                   color=bars[0].get_color(), alpha=0.3, zorder=2)
     front = pareto_front(pts)
     # Up to 8 points every one is named; beyond that only the Pareto front (the table names the rest).
     named = {pts[i] for i in front} if len(pts) > 8 else set(pts)
-    for r in rows:
-        if r["retain acc"] is not None and (r["forget acc"], r["retain acc"]) in named:
-            ax.annotate(f"{r['retain loss']} rm{r['remove_coef']:g}/ret{r['retain_coef']:g}",
-                        (r["forget acc"], r["retain acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for g, xy in zip(groups, pts):
+        if xy in named:
+            ax.annotate(f"{g['retain loss']} rm{g['remove_coef']:g}/ret{g['retain_coef']:g}", xy, fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k-", lw=1, alpha=0.6, label="Pareto front")
     for i, b in enumerate(baselines):
         ax.scatter([b["eval"]["forget_acc"]], [b["eval"].get("retain_acc", 0)], marker="*", s=160, c="k",
@@ -260,25 +437,30 @@ def plot_tradeoff(rows: list[dict], baselines: list[dict], path: Path, chance: f
     ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
     ax.set_xlabel("forget accuracy (lower is better)")
     ax.set_ylabel("retain accuracy (higher is better)")
-    ax.set_title("Forget / retain trade-off")
+    ax.set_title("Forget / retain trade-off" + (" (mean ± sd over seeds)" if _repeated(groups) else ""))
     ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def plot_forget_vs_remove(rows: list[dict], path: Path, chance: float = CHANCE_4WAY) -> None:
-    """Forget accuracy against remove_coef, one line per (retain loss, retain_coef)."""
+def plot_forget_vs_remove(groups: list[dict], path: Path, chance: float = CHANCE_4WAY, runs: list[dict] = ()) -> None:
+    """Forget accuracy against remove_coef, one line per (retain loss, retain_coef) through the group
+    means (:func:`group_rows`), sd error bars and the runs (:func:`table_rows`) faintly when n > 1."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["retain loss"], r["retain_coef"]), []).append(r)
-    for (loss, ret), sel in sorted(groups.items()):
-        sel = sorted(sel, key=lambda r: r["remove_coef"])
-        ax.plot([r["remove_coef"] for r in sel], [r["forget acc"] for r in sel], marker="o", label=f"{loss} ret={ret:g}")
+    lines: dict[tuple, list[dict]] = {}
+    for g in groups:
+        lines.setdefault((g["retain loss"], g["retain_coef"]), []).append(g)
+    for (loss, ret), sel in sorted(lines.items()):
+        sel = sorted(sel, key=lambda g: g["remove_coef"])
+        bars = ax.errorbar([g["remove_coef"] for g in sel], [g["forget mean"] for g in sel],
+                           yerr=_errors(sel, "forget sd"), marker="o", capsize=3, label=f"{loss} ret={ret:g}")
+        faint = [r for r in runs if (r["retain loss"], r["retain_coef"]) == (loss, ret)] if _repeated(groups) else []
+        ax.scatter([r["remove_coef"] for r in faint], [r["forget acc"] for r in faint], s=12,
+                   color=bars[0].get_color(), alpha=0.3, zorder=2)
     ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
     ax.set_xlabel("remove_coef")
     ax.set_ylabel("forget accuracy")
-    ax.set_title("Forget accuracy vs remove_coef")
+    ax.set_title("Forget accuracy vs remove_coef" + (" (mean ± sd over seeds)" if _repeated(groups) else ""))
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -318,7 +500,12 @@ def chance_of(runs: list[dict]) -> float:
 
 
 def write_report(dirs: list[Path], out: Path) -> dict:
-    """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written."""
+    """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written.
+
+    Runs that differ only in ``seed`` form a group (:func:`seed_groups`): ``report_seeds.csv`` has a
+    row per group (mean, sd, n), and when a group has several runs ``report.md`` adds an "Across
+    seeds" table and the plots show group means with sd error bars.
+    """
     from sequnlearn.errors import UserError
     from sequnlearn.runs import read_json
 
@@ -329,19 +516,23 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]  # all read before any write
     out.mkdir(parents=True, exist_ok=True)
     chance = chance_of(runs)
-    rows = table_rows(runs, chance)
+    rows, groups = table_rows(runs, chance), group_rows(runs, chance)
     md = markdown_table(rows, baselines)
+    if _repeated(groups):
+        md += "\n## Across seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(groups)
     from sequnlearn.audit import report_section
 
     audit_lines, audit_files = report_section(dirs, out)  # knowledge audits (audit.json) found under dirs
     atomic_write_text(out / "report.md", "# Sweep report\n\n" + md + "\n".join(["", *audit_lines]))
     atomic_write_text(out / "report.csv", csv_text(rows))
-    plot_tradeoff(rows, baselines, out / "tradeoff.png", chance)
-    plot_forget_vs_remove(rows, out / "forget_vs_remove_coef.png", chance)
+    atomic_write_text(out / "report_seeds.csv", csv_text(groups))
+    plot_tradeoff(groups, baselines, out / "tradeoff.png", chance, runs=rows)
+    plot_forget_vs_remove(groups, out / "forget_vs_remove_coef.png", chance, runs=rows)
     plot_sweep_losses(runs, out / "losses.png")
-    written = ["report.md", "report.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png", *audit_files]
+    written = ["report.md", "report.csv", "report_seeds.csv", "tradeoff.png", "forget_vs_remove_coef.png",
+               "losses.png", *audit_files]
     if tampers:
         merged = {**tampers[0], "runs": [r for t in tampers for r in t["runs"]]}
         plot_tamper(merged, out / "tamper.png")
         written.append("tamper.png")
-    return {"runs": len(runs), "baselines": len(baselines), "files": written, "table": md}
+    return {"runs": len(runs), "groups": len(groups), "baselines": len(baselines), "files": written, "table": md}

@@ -20,6 +20,9 @@ like the reference's KL table)::
       - {remove_coef: 5, retain_coef: 100}
       - {remove_coef: 50, retain_coef: 5}
 
+Seeds are a key like any other: ``seed: [1, 2, 3]`` in ``grid`` runs every setting once per seed
+(``remove_coef=10_seed=1`` ...), and ``sequnlearn report`` gives each setting's mean ± sd over them.
+
 Each point is ``OUT/NAME/<varied key=value ...>/`` with the run directory contract of DESIGN.md;
 a point whose ``eval.json`` exists is skipped, an interrupted one is resumed. The base model is
 evaluated once into ``OUT/NAME/baseline/eval.json``.
