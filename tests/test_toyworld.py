@@ -164,6 +164,18 @@ def test_tokenizer_round_trips_text(world, tmp_path):
     assert again.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
 
 
+def test_answer_letters_are_one_token_each_as_in_gpt_neox(world):
+    from sequnlearn.data.mcq import LETTERS, prompt_text
+    from sequnlearn.toyworld.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([d["text"] for d in world.pretrain], 400)
+    prompt = prompt_text(world.mcqs["forget"][0]["question"], world.mcqs["forget"][0]["choices"], "letter")
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for letter in LETTERS[:4]:
+        (one,) = tok(" " + letter, add_special_tokens=False)["input_ids"]  # one token, not " " + letter
+        assert tok(prompt + " " + letter, add_special_tokens=False)["input_ids"] == ids + [one]
+
+
 # ---------------------------------------------------------------- pretraining data
 
 

@@ -42,8 +42,9 @@ from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
 from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, World, generate_world
 
-WORLD_FORMAT = 2
-"""Version of the on-disk world; bump it when generation changes so old caches are not reused."""
+WORLD_FORMAT = 3
+"""Version of the on-disk world; bump it when generation changes so old caches are not reused
+(3: answer letters are one token each)."""
 
 
 @dataclass(frozen=True)
