@@ -10,7 +10,8 @@ import yaml
 
 from sequnlearn.cli import main
 from sequnlearn.config import UnlearnConfig, build, dump_yaml, preset_dict
-from sequnlearn.report import group_rows, plot_tamper, seed_curve, seed_groups, spread, tamper_table, write_report
+from sequnlearn.report import (group_rows, other_styles, plot_tamper, seed_curve, seed_groups, seeds_table, spread,
+                               tamper_table, write_report)
 from sequnlearn.sweep import load_sweep
 from sequnlearn.tamper import worst_case
 
@@ -68,6 +69,20 @@ def test_group_rows_hold_mean_sd_n_and_seeds():
     assert (three["n"], three["seeds"], three["remove_coef"]) == (3, "1, 2, 3", 10.0)
     assert (one["forget mean"], one["forget sd"], one["retain sd"], one["n"]) == (0.28, None, None, 1)
     assert one["Notes"] == "Best L2" and three["Notes"] == ""
+
+
+def test_other_scoring_styles_get_their_own_mean_and_sd():
+    runs = [_run(0.30, 0.44, seed=s) for s in (1, 2, 3)]
+    for r, (f, t) in zip(runs, [(0.25, 0.60), (0.27, 0.62), (0.32, 0.64)]):
+        r["eval"].update(style="cloze", styles={"cloze": {"forget_acc": 0.30, "retain_acc": 0.44},
+                                                "letter": {"forget_acc": f, "retain_acc": t}})
+    assert other_styles(runs) == ["letter"] and other_styles(runs + [_run(0.3, seed=4)]) == []
+    (row,) = group_rows(runs)
+    # forget 0.25, 0.27, 0.32: mean 0.28, deviations -0.03 -0.01 0.04, sd sqrt(0.0026 / 2) = 0.0360555
+    assert (row["forget letter mean"], row["forget letter sd"]) == (pytest.approx(0.28), pytest.approx(0.0360555128))
+    assert (row["retain letter mean"], row["retain letter sd"]) == (pytest.approx(0.62), pytest.approx(0.02))
+    table = seeds_table([row], ["letter"])
+    assert "| forget acc (letter) | retain acc (letter) |" in table and "| 0.2800 ± 0.0361 | 0.6200 ± 0.0200 |" in table
 
 
 def test_notes_use_the_means():

@@ -20,7 +20,7 @@ def sweep_file(tmp_path_factory) -> Path:
     path.write_text(yaml.safe_dump({
         "name": "mini", "base": "tiny", "set": {"layers": [3, 2]},
         "grid": {"remove_coef": [10, 50], "retain_coef": [5]},
-        "eval": {"forget_task": MCQ, "retain_task": MCQ, "style": "cloze", "limit": 8}}))
+        "eval": {"forget_task": MCQ, "retain_task": MCQ, "style": ["cloze", "letter"], "limit": 8}}))
     return path
 
 
@@ -99,12 +99,28 @@ def test_slurm_script_is_a_job_array_of_only_calls(sweep_file, tmp_path):
     assert "accelerate launch --num_processes 4 -m sequnlearn sweep" in script and "--only $SLURM_ARRAY_TASK_ID" in script
 
 
+def test_each_point_is_evaluated_in_every_style_the_first_the_headline(swept):
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
+    from sequnlearn.model.load import load_model
+
+    ev = json.loads((swept / "remove_coef=10" / "eval.json").read_text())
+    model, tok = load_model(str(swept / "remove_coef=10" / "model"))
+    for style in ("cloze", "letter"):
+        alone = forget_retain_accuracy(model, tok, EvalSpec(MCQ, MCQ, style, 8))
+        assert ev["styles"][style] == {"forget_acc": alone["forget_acc"], "retain_acc": alone["retain_acc"]}
+    assert ev["style"] == "cloze" and ev["forget_acc"] == ev["styles"]["cloze"]["forget_acc"]
+
+
 def test_bad_sweeps_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="unknown sweep"):
         load_sweep("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "tiny", "grid": {"remove_cof": [1]}, "eval": {"forget_task": MCQ}}))
     with pytest.raises(UserError, match="did you mean 'remove_coef'"):
+        load_sweep(str(bad))
+    bad.write_text(yaml.safe_dump({"base": "tiny", "grid": {"remove_coef": [1]},
+                                   "eval": {"forget_task": MCQ, "style": ["cloze", "mc2"]}}))
+    with pytest.raises(UserError, match=r"eval style \['mc2'\] unknown"):
         load_sweep(str(bad))
     assert collect([tmp_path]) == ([], [])
 

@@ -326,14 +326,35 @@ def _group_stats(group: list[dict]) -> dict:
             "retain_sd": retain_sd}
 
 
+def other_styles(runs: list[dict]) -> list[str]:
+    """Scoring styles every run was also evaluated in (``eval.json`` ``styles``), besides its headline one."""
+    common = None
+    for r in runs:
+        styles = set(r["eval"].get("styles") or {}) - {r["eval"].get("style")}
+        common = styles if common is None else common & styles
+    return sorted(common or ())
+
+
+def _style_stats(group: list[dict], style: str) -> dict:
+    """Mean and sample sd of a seed group's forget and retain accuracy in another scoring ``style``."""
+    out = {}
+    for key in ("forget", "retain"):
+        values = [r["eval"]["styles"][style].get(f"{key}_acc") for r in group]
+        mean, sd = (None, None) if None in values else spread(values)
+        out.update({f"{key} {style} mean": mean, f"{key} {style} sd": sd})
+    return out
+
+
 def group_rows(runs: list[dict], chance: float = CHANCE_4WAY) -> list[dict]:
     """One row per seed group (:func:`seed_groups`): accuracies as mean, sample sd (None for one run)
-    and n, the seeds, notes from the means, and the run directories."""
+    and n (also in each of :func:`other_styles`), the seeds, notes from the means, and the run directories."""
     groups = seed_groups(runs)
     stats = [_group_stats(g) for g in groups]
     notes = _notes(stats, chance, "group")
+    styles = other_styles(runs)
     return [{"Group": i, **_setting(g[0]["config"]), "forget mean": s["forget"], "forget sd": s["sd"],
-             "retain mean": s["retain"], "retain sd": s["retain_sd"], "n": len(g),
+             "retain mean": s["retain"], "retain sd": s["retain_sd"],
+             **{k: v for style in styles for k, v in _style_stats(g, style).items()}, "n": len(g),
              "seeds": ", ".join(str(r["config"].get("seed")) for r in g), "Notes": note,
              "paths": "; ".join(r["path"] for r in g)}
             for i, (g, s, note) in enumerate(zip(groups, stats, notes), start=1)]
@@ -361,12 +382,16 @@ def markdown_table(rows: list[dict], baselines: list[dict]) -> str:
     return _markdown(cols, base + rows)
 
 
-def seeds_table(groups: list[dict]) -> str:
-    """Markdown: one row per seed group, accuracies as ``mean ± sd`` (the value alone when n = 1)."""
-    cols = ["Group", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", "n", "seeds",
-            "Notes"]
-    return _markdown(cols, [{**g, "forget acc": pm(g["forget mean"], g["forget sd"]),
-                             "retain acc": pm(g["retain mean"], g["retain sd"])} for g in groups])
+def seeds_table(groups: list[dict], styles: list[str] = ()) -> str:
+    """Markdown: one row per seed group, accuracies as ``mean ± sd`` (the value alone when n = 1), in
+    the headline style and then in each of ``styles`` (:func:`other_styles`, which the rows carry)."""
+    extra = [f"{key} acc ({style})" for style in styles for key in ("forget", "retain")]
+    cols = ["Group", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", *extra, "n",
+            "seeds", "Notes"]
+    cells = [{**g, "forget acc": pm(g["forget mean"], g["forget sd"]), "retain acc": pm(g["retain mean"], g["retain sd"]),
+              **{f"{key} acc ({style})": pm(g[f"{key} {style} mean"], g[f"{key} {style} sd"])
+                 for style in styles for key in ("forget", "retain")}} for g in groups]
+    return _markdown(cols, cells)
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -519,7 +544,7 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     rows, groups = table_rows(runs, chance), group_rows(runs, chance)
     md = markdown_table(rows, baselines)
     if _repeated(groups):
-        md += "\n## Across seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(groups)
+        md += "\n## Across seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(groups, other_styles(runs))
     from sequnlearn.audit import report_section
 
     audit_lines, audit_files = report_section(dirs, out)  # knowledge audits (audit.json) found under dirs

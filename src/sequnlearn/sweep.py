@@ -126,6 +126,9 @@ def load_sweep(name_or_file: str) -> Sweep:
     ev = data.get("eval") or {}
     if "forget_task" not in ev or set(ev) - set(EVAL_KEYS):
         raise UserError(f"{path}: eval needs forget_task (and may have {', '.join(EVAL_KEYS[1:])})")
+    bad = [s for s in eval_styles(ev) if s not in ("letter", "cloze")]
+    if bad or not eval_styles(ev):
+        raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
     sweep = Sweep(data.get("name", path.stem), base, data.get("grid") or {}, ev, str(path), data.get("set") or {},
                   points)
     for point in sweep.points():
@@ -134,19 +137,34 @@ def load_sweep(name_or_file: str) -> Sweep:
 
 
 def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
-    """Forget (and retain) accuracy of a saved model: the content of a point's ``eval.json``."""
+    """Forget (and retain) accuracy of a saved model: the content of a point's ``eval.json``.
+
+    With several styles (``style: [cloze, letter]``) the first gives the headline accuracies and
+    ``styles`` holds each style's ``{forget_acc, retain_acc}``.
+    """
     from sequnlearn.eval import forget_retain_accuracy
     from sequnlearn.model.load import load_model
 
     model, tok = load_model(model_path)
-    return forget_retain_accuracy(model, tok, eval_spec(ev))
+    styles = eval_styles(ev)
+    results = {style: forget_retain_accuracy(model, tok, eval_spec(ev, style)) for style in styles}
+    out = results[styles[0]]
+    if len(styles) > 1:
+        out["styles"] = {style: {k: r[k] for k in ("forget_acc", "retain_acc") if k in r} for style, r in results.items()}
+    return out
 
 
-def eval_spec(ev: dict[str, Any]):
-    """The :class:`~sequnlearn.eval.EvalSpec` of a sweep file's ``eval`` mapping."""
+def eval_styles(ev: dict[str, Any]) -> list[str]:
+    """The scoring styles of a sweep file's ``eval`` mapping (``style``: one or a list; default letter)."""
+    style = ev.get("style", "letter")
+    return list(style) if isinstance(style, (list, tuple)) else [style]
+
+
+def eval_spec(ev: dict[str, Any], style: str | None = None):
+    """The :class:`~sequnlearn.eval.EvalSpec` of a sweep file's ``eval`` mapping (in ``style``; default its first)."""
     from sequnlearn.eval import EvalSpec
 
-    return EvalSpec(ev["forget_task"], ev.get("retain_task"), ev.get("style", "letter"), ev.get("limit"),
+    return EvalSpec(ev["forget_task"], ev.get("retain_task"), style or eval_styles(ev)[0], ev.get("limit"),
                     ev.get("batch_size", 16), ev.get("num_fewshot", 0))
 
 
