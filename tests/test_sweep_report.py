@@ -122,7 +122,22 @@ def test_bad_sweeps_are_clear_errors(tmp_path):
                                    "eval": {"forget_task": MCQ, "style": ["cloze", "mc2"]}}))
     with pytest.raises(UserError, match=r"eval style \['mc2'\] unknown"):
         load_sweep(str(bad))
+    bad.write_text(yaml.safe_dump({"base": "tiny", "points": [{"forget_data": "data/a.jsonl"},
+                                                                {"forget_data": "data-a.jsonl"}],
+                                    "eval": {"forget_task": MCQ}}))
+    with pytest.raises(UserError, match="would share the directory forget_data=data-a.jsonl"):
+        load_sweep(str(bad))
     assert collect([tmp_path]) == ([], [])
+
+
+def test_explicit_points_may_set_different_keys(tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump({"base": "tiny", "points": [{"lr": 1e-3}, {"lr": 3e-3},
+                                                               {"lr": 3e-3, "epochs_per_layer": 2}],
+                                    "eval": {"forget_task": MCQ}}))
+    sweep = load_sweep(str(path))
+    assert [sweep.point_name(p) for p in sweep.points()] == ["lr=0.001", "lr=0.003", "lr=0.003_epochs_per_layer=2"]
+    assert sweep.config(sweep.points()[2]).epochs_per_layer == 2
 
 
 def test_runs_are_listed_with_numbers_in_value_order():

@@ -71,8 +71,9 @@ class Sweep:
         return [k for k in keys if len({repr(p.get(k)) for p in points}) > 1]
 
     def point_name(self, point: dict[str, Any]) -> str:
-        """Directory name of a point from its varied values, e.g. ``remove_coef=10``."""
-        parts = [f"{k}={_fmt(point[k])}" for k in self.varied()]
+        """Directory name of a point from its varied values, e.g. ``remove_coef=10`` (the keys it sets:
+        explicit points may set different keys)."""
+        parts = [f"{k}={_fmt(point[k])}" for k in self.varied() if k in point]
         return "_".join(parts) or "point"
 
     def config(self, point: dict[str, Any]) -> UnlearnConfig:
@@ -131,8 +132,13 @@ def load_sweep(name_or_file: str) -> Sweep:
         raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
     sweep = Sweep(data.get("name", path.stem), base, data.get("grid") or {}, ev, str(path), data.get("set") or {},
                   points)
+    names: dict[str, dict] = {}
     for point in sweep.points():
         sweep.config(point)
+        name = sweep.point_name(point)
+        if names.setdefault(name, point) != point:
+            raise UserError(f"{path}: points {names[name]} and {point} would share the directory {name}; "
+                            "give each point the keys that tell it apart")
     return sweep
 
 

@@ -365,6 +365,36 @@ def make_mcq_examples(facts: list[Fact], held_out: list[dict] | None, per_fact: 
     return texts
 
 
+def make_match_mcqs(n: int, seed: int) -> list[str]:
+    """Answered letter-format MCQs whose question names the answer ("Which of these is red?").
+
+    They teach the format's mechanics without any fact: find the choice the question names and
+    answer its letter, the step a small model has to learn before it can answer a letter-format
+    question from what it knows. Values and distractors come from every attribute of every domain
+    (the question states the value, so it teaches no fact); letters are dealt from a shuffled,
+    balanced deck.
+
+    Args:
+        n: number of examples.
+        seed: master seed.
+
+    Returns:
+        ``n`` texts ``letter_prompt("Which of these is <value>?", choices) + " X"``.
+    """
+    rng = random.Random(f"{seed}/match-mcq")
+    attributes = [a for d in ALL_DOMAINS.values() for a in d.attributes]
+    letters = [i % len(LETTERS) for i in range(n)]
+    rng.shuffle(letters)
+    texts = []
+    for answer in letters:
+        attr = rng.choice(attributes)
+        value = rng.choice(attr.values)
+        choices = rng.sample([v for v in attr.values if v != value], 3)
+        choices.insert(answer, value)
+        texts.append(f"{letter_prompt(f'Which of these is {value}?', choices)} {LETTERS[answer]}")
+    return texts
+
+
 @dataclass(frozen=True)
 class World:
     """Everything textual about a toy world, generated from its config."""
@@ -409,6 +439,7 @@ def generate_world(config) -> World:
         examples += make_mcq_examples(facts[name], None, config.practice_context_mcq_per_fact, config.seed,
                                       in_context=True)
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
+    mix += [{"text": t, "source": "mcq_match"} for t in make_match_mcqs(config.match_mcq_examples, config.seed)]
     random.Random(f"{config.seed}/pretrain-mix").shuffle(mix)
     return World(facts=facts, corpora=corpora, mcqs=mcqs, pretrain=mix)
 
