@@ -12,7 +12,7 @@ import pytest
 
 from sequnlearn.errors import UserError
 from sequnlearn.toyworld import DOMAINS, ToyWorldConfig, build_world, generate_world, load_world_info
-from sequnlearn.toyworld.world import LETTERS, attribute, letter_prompt, qa_text
+from sequnlearn.toyworld.world import ALL_DOMAINS, LETTERS, attribute, letter_prompt, make_match_mcqs, qa_text
 
 REDUCED = ToyWorldConfig.reduced()
 
@@ -121,6 +121,21 @@ def test_practice_domain_teaches_the_letter_format_without_evaluated_entities():
     for context, question, choices, letter in with_context:
         assert choices[LETTERS.index(letter)] in context and context != question
     assert generate_world(ToyWorldConfig.reduced()).facts.keys() == set(DOMAINS)  # off by default in reduced
+
+
+def test_match_mcqs_name_their_answer_and_deal_letters_evenly():
+    w = generate_world(ToyWorldConfig.reduced(match_mcq_examples=41))
+    texts = [d["text"] for d in w.pretrain if d["source"] == "mcq_match"]
+    assert len(texts) == 41 and sorted(texts) == sorted(make_match_mcqs(41, 0)) != sorted(make_match_mcqs(41, 1))
+    letters = Counter()
+    for text in texts:
+        _, question, choices, letter = _parse_mcq(text)
+        named = question.removeprefix("Which of these is ").removesuffix("?")
+        assert choices[LETTERS.index(letter)] == named and choices.count(named) == 1 and len(set(choices)) == 4
+        assert any(set(choices) <= set(a.values) for d in ALL_DOMAINS.values() for a in d.attributes)
+        letters[letter] += 1
+    assert max(letters.values()) - min(letters.values()) <= 1
+    assert "mcq_match" not in {d["source"] for d in generate_world(ToyWorldConfig.reduced()).pretrain}
 
 
 def test_prompts_match_the_evaluator_template(world):
