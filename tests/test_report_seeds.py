@@ -10,6 +10,7 @@ import yaml
 
 from sequnlearn.cli import main
 from sequnlearn.config import UnlearnConfig, build, dump_yaml, preset_dict
+from sequnlearn.errors import UserError
 from sequnlearn.report import (group_rows, other_styles, plot_tamper, seed_curve, seed_groups, seeds_table, spread,
                                tamper_table, write_report)
 from sequnlearn.sweep import load_sweep
@@ -203,3 +204,25 @@ def test_a_seed_grid_gives_distinct_readable_points_that_group_by_setting(seed_s
     rows = group_rows(collect([tmp_path / "out"])[0])
     assert [(r["remove_coef"], r["n"], r["seeds"]) for r in rows] == [(10, 3, "1, 2, 3"), (50, 3, "1, 2, 3")]
     assert rows[1]["forget mean"] == pytest.approx(0.29) and rows[1]["forget sd"] == pytest.approx(0.01)
+
+
+def test_a_seeds_list_repeats_every_point_and_equals_the_seed_grid(seed_sweep, tmp_path):
+    grid = load_sweep(str(seed_sweep))
+    listed = tmp_path / "listed.yaml"
+    data = yaml.safe_load(seed_sweep.read_text())
+    data["grid"].pop("seed")
+    listed.write_text(yaml.safe_dump({**data, "seeds": [1, 2, 3]}))
+    sweep = load_sweep(str(listed))
+    assert sweep.points() == grid.points() and list(map(sweep.point_name, sweep.points())) == list(
+        map(grid.point_name, grid.points()))
+    points = tmp_path / "points.yaml"
+    points.write_text(yaml.safe_dump({**{k: v for k, v in data.items() if k != "grid"},
+                                      "points": [{"remove_coef": 50, "retain_coef": 5}, {"remove_coef": 5}],
+                                      "seeds": [7, 8]}))
+    assert [load_sweep(str(points)).point_name(p) for p in load_sweep(str(points)).points()] == [
+        "remove_coef=50_retain_coef=5_seed=7", "remove_coef=50_retain_coef=5_seed=8", "remove_coef=5_seed=7",
+        "remove_coef=5_seed=8"]
+    for bad in ([], [1, 1], ["a"], 3):
+        listed.write_text(yaml.safe_dump({**data, "seeds": bad}))
+        with pytest.raises(UserError, match="seeds must be a non-empty list of distinct integers"):
+            load_sweep(str(listed))

@@ -56,13 +56,18 @@ class Sweep:
     source: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
     explicit: list[dict[str, Any]] | None = None
+    seeds: list[int] | None = None
+    """Run every point once per seed (``seed`` varies fastest); None: the points as they are."""
 
     def points(self) -> list[dict[str, Any]]:
-        """The explicit points in file order, or every combination of the grid (the last key varies fastest)."""
+        """The explicit points in file order, or every combination of the grid (the last key varies
+        fastest), each repeated for every one of ``seeds``."""
         if self.explicit is not None:
-            return [dict(p) for p in self.explicit]
-        keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+            points = [dict(p) for p in self.explicit]
+        else:
+            keys = list(self.grid)
+            points = [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        return points if self.seeds is None else [{**p, "seed": seed} for p in points for seed in self.seeds]
 
     def varied(self) -> list[str]:
         """Keys whose value differs between points (they name the point directories)."""
@@ -107,10 +112,14 @@ def load_sweep(name_or_file: str) -> Sweep:
         if not path.is_file():
             raise UserError(f"unknown sweep {name_or_file!r}; give a sweep file or one of: {', '.join(sweeps())}")
     data = read_yaml(path)
-    unknown = set(data) - {"name", "base", "base_config", "set", "grid", "points", "eval", "notes"}
+    unknown = set(data) - {"name", "base", "base_config", "set", "grid", "points", "seeds", "eval", "notes"}
     if unknown:
         raise UserError(f"{path}: unknown sweep keys {sorted(unknown)}; "
-                        "use name, base, base_config, set, grid or points, eval")
+                        "use name, base, base_config, set, grid or points, seeds, eval")
+    seeds = data.get("seeds")
+    if seeds is not None and (not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) < len(seeds)
+                              or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise UserError(f"{path}: seeds must be a non-empty list of distinct integers (got {seeds!r})")
     if ("grid" in data) == ("points" in data):
         raise UserError(f"{path}: give either grid (a product of values) or points (a list of mappings), not "
                         f"{'both' if 'grid' in data else 'neither'}")
@@ -131,7 +140,7 @@ def load_sweep(name_or_file: str) -> Sweep:
     if bad or not eval_styles(ev):
         raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
     sweep = Sweep(data.get("name", path.stem), base, data.get("grid") or {}, ev, str(path), data.get("set") or {},
-                  points)
+                  points, seeds)
     names: dict[str, dict] = {}
     for point in sweep.points():
         sweep.config(point)
