@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo findings bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,23 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sequnlearn demo --out runs/demo
+
+# docs/toy-world-findings.md: the reference's sweeps on the toy world (3 seeds), the attack with its
+# controls, and the report (about 45 minutes on 2 cores; two points at a time, one thread each).
+FINDINGS := runs/findings
+SWEEP1   := env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn sweep
+findings: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn toyworld build --out runs/toyworld
+	for s in toy-l2 toy-kl; do \
+	  n=$$($(SWEEP1) $$s --dry-run | tail -1 | cut -d' ' -f1); \
+	  seq 0 $$((n - 1)) | xargs -P 2 -I{} $(SWEEP1) $$s --only {} > /dev/null || exit 1; \
+	  $(SWEEP1) $$s > /dev/null || exit 1; \
+	done
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn tamper runs/sweeps/toy-l2/remove_coef=50_seed=1 \
+	  runs/sweeps/toy-kl/remove_coef=5_retain_coef=100_seed=1 --preset toy-tamper --seeds 1,2,3 \
+	  --out $(FINDINGS)/tamper --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report runs/sweeps/toy-l2 runs/sweeps/toy-kl $(FINDINGS)/tamper \
+	  --out $(FINDINGS)/report
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/unlearn_step.py --small
