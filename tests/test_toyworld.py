@@ -268,6 +268,24 @@ def test_second_build_reuses_the_cache(built, monkeypatch):
         build_world(built.root, ToyWorldConfig.reduced(seed=5), progress=False)
 
 
+def test_scoring_during_pretraining_logs_accuracies_and_leaves_the_weights_alone(tmp_path):
+    from sequnlearn.runs import read_jsonl
+
+    small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=5)
+    plain = build_world(tmp_path / "plain", small, progress=False, threads=1)
+    scored = build_world(tmp_path / "scored", small, progress=False, threads=1, eval_every=2)
+    assert load_world_info(scored.root)["model_sha256"] == load_world_info(plain.root)["model_sha256"]
+    log = read_jsonl(scored.pretrain_log)
+    assert [r["step"] for r in log if "letter" in r] == [1, 3, 4]  # after steps 2 and 4, and the last
+    assert not any("cloze" in r for r in read_jsonl(plain.pretrain_log))
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
+    from sequnlearn.model.load import load_model
+
+    final = forget_retain_accuracy(*load_model(str(scored.model)), EvalSpec(str(scored.forget_mcq),
+                                                                            str(scored.retain_mcq), "letter"))
+    assert log[-1]["letter"] == {"forget_acc": final["forget_acc"], "retain_acc": final["retain_acc"]}
+
+
 def test_overwrite_rebuilds_with_the_new_config(tmp_path):
     small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=3)
     build_world(tmp_path, small, progress=False, threads=1)

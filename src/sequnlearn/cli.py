@@ -343,6 +343,8 @@ def _add_toyworld(sub) -> None:
     b.add_argument("--reduced", action="store_true", help="the small test world (seconds) instead of the full one (minutes)")
     b.add_argument("--seed", type=int, help="master seed of facts, corpora, MCQs and model init (default 0)")
     b.add_argument("--steps", type=int, help="pretraining steps (default: the full or reduced config's)")
+    b.add_argument("--eval-every", type=int, default=0, metavar="K", help="score the forget and retain MCQs (cloze "
+                   "and letter) every K pretraining steps into pretrain_log.jsonl; the weights are the same")
     b.add_argument("--overwrite", action="store_true", help="rebuild when --out holds a world built with another config")
     b.add_argument("--threads", type=int, help="torch CPU threads for pretraining (default: torch's, lowered to "
                    "the idle cores on a busy machine)")
@@ -365,7 +367,7 @@ def cmd_toyworld(args) -> None:
     overrides.update({k: v for k, v in (("seed", args.seed), ("steps", args.steps)) if v is not None})
     config = ToyWorldConfig.reduced(**overrides) if args.reduced else ToyWorldConfig.from_dict(overrides)
     paths = build_world(args.out, config, progress=not args.quiet, overwrite=args.overwrite, threads=args.threads,
-                        pretrain=args.pretrain)
+                        pretrain=args.pretrain, eval_every=args.eval_every)
     info = load_world_info(paths.root)
     size = "reduced" if args.reduced else "full"
     print(f"toy world ({size}, seed {config.seed}) in {paths.root}: {info['model_parameters']:,}-parameter "

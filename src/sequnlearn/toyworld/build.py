@@ -118,7 +118,8 @@ class ToyWorldPaths:
 
 
 def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None, *, progress: bool = True,
-                overwrite: bool = False, threads: int | None = None, pretrain: bool = False) -> ToyWorldPaths:
+                overwrite: bool = False, threads: int | None = None, pretrain: bool = False,
+                eval_every: int = 0) -> ToyWorldPaths:
     """Build the toy world into ``out_dir``, or reuse the one already built there with this config.
 
     Args:
@@ -132,6 +133,9 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
             order, so the weights (not the text) of the world.
         pretrain: pretrain the model even when the package ships one for ``config`` (see
             :mod:`sequnlearn.toyworld.shipped`); a cached world that holds the shipped copy is rebuilt.
+        eval_every: while pretraining, score the world's forget and retain MCQs in cloze and letter
+            format every this many steps into ``pretrain_log.jsonl`` (0: never); the weights are the
+            same either way.
 
     Returns:
         The :class:`ToyWorldPaths` of the finished world.
@@ -162,7 +166,7 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
     else:
         if threads is None and shipped_for(config, WORLD_FORMAT) is not None:
             threads = shipped_info()["pretrain_threads"]
-        model_info = _build_model(paths, world, config, progress, threads)
+        model_info = _build_model(paths, world, config, progress, threads, eval_every)
     write_json(paths.world_json, {
         "format": WORLD_FORMAT, "seed": config.seed, "config": config.to_dict(), "files": paths.files(), **model_info,
         "build_seconds": round(time.perf_counter() - start, 1),
@@ -271,7 +275,7 @@ def _copy_shipped_model(paths: ToyWorldPaths, shipped: dict) -> dict:
 
 
 def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, progress: bool,
-                 threads: int | None) -> dict:
+                 threads: int | None, eval_every: int = 0) -> dict:
     """Train the tokenizer, pretrain the model, save both into ``model/`` (via a temp dir + rename).
 
     Returns:
@@ -292,7 +296,7 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
     _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
                    f"steps on {threads} CPU thread(s)")
     model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads,
-                          weights=weights)
+                          weights=weights, eval_every=eval_every, on_eval=lambda model: _accuracies(paths, model, tok))
     write_jsonl(paths.pretrain_log, log)
     _save_model(paths, model, tok)
     tail = [r["loss"] for r in log[-10:]]
@@ -301,6 +305,17 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
             "final_pretrain_loss": sum(tail) / len(tail), "pretrain_threads": threads,
             "pretrain_seconds": log[-1]["elapsed_s"], "torch_version": torch.__version__,
             "model_sha256": model_hashes(paths.model)}
+
+
+def _accuracies(paths: ToyWorldPaths, model, tok) -> dict:
+    """Forget and retain accuracy of ``model`` on the world's MCQs in each format: ``{cloze: {...}, letter: {...}}``."""
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
+
+    out = {}
+    for style in ("cloze", "letter"):
+        res = forget_retain_accuracy(model, tok, EvalSpec(str(paths.forget_mcq), str(paths.retain_mcq), style))
+        out[style] = {"forget_acc": res["forget_acc"], "retain_acc": res["retain_acc"]}
+    return out
 
 
 def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> list[float]:

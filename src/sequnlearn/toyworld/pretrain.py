@@ -172,7 +172,8 @@ def _idle_cores(interval: float = 0.25) -> float | None:
 
 
 def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, progress: bool = True,
-             threads: int | None = None, weights: list[list[float]] | None = None):
+             threads: int | None = None, weights: list[list[float]] | None = None, eval_every: int = 0,
+             on_eval=None):
     """Train a fresh GPT-NeoX model on packed documents with a next-token loss.
 
     Args:
@@ -184,6 +185,10 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
         threads: torch CPU threads while training (restored afterwards); ``None``: see
             :func:`auto_threads`.
         weights: per-token loss weights of ``docs`` (default all 1; see :func:`weighted_lm_loss`).
+        eval_every: call ``on_eval`` after every this many steps and after the last (0: never).
+        on_eval: ``on_eval(model) -> dict`` (the model in eval mode, under ``no_grad``); the dict is
+            added to that step's log line. It must not draw from torch's global random state: the
+            weights are the same with and without it.
 
     Returns:
         ``(model, log)``: the trained ``GPTNeoXForCausalLM`` in eval mode, and one dict per step
@@ -199,13 +204,13 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or auto_threads())
     try:
-        return _train(docs, config, vocab_size, eos_id, progress, weights)
+        return _train(docs, config, vocab_size, eos_id, progress, weights, eval_every if on_eval else 0, on_eval)
     finally:
         torch.set_num_threads(previous)
 
 
 def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress: bool,
-           weights: list[list[float]] | None):
+           weights: list[list[float]] | None, eval_every: int = 0, on_eval=None):
     """The training loop of :func:`pretrain` (seeded init, AdamW, warmup + cosine, clip 1.0)."""
     from tqdm.auto import tqdm
     from transformers import GPTNeoXForCausalLM
@@ -227,5 +232,10 @@ def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress
                     "elapsed_s": round(time.perf_counter() - start, 3)})
         opt.step()
         sched.step()
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == config.steps):
+            model.eval()
+            with torch.no_grad():
+                log[-1].update(on_eval(model))
+            model.train()
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
     return model.eval(), log
