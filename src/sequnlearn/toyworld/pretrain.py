@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -235,7 +236,10 @@ def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == config.steps):
             model.eval()
             with torch.no_grad():
-                log[-1].update(on_eval(model))
+                scores = on_eval(model)
+            log[-1].update(scores)
             model.train()
+            if progress:
+                bar.write(f"step {step + 1}: {json.dumps(scores)}")
         bar.set_postfix(loss=f"{log[-1]['loss']:.3f}")
     return model.eval(), log
