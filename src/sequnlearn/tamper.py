@@ -270,6 +270,8 @@ def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, tex
                 model, tokenizer = base()
                 model = fine_tune(model, tokenizer, cfg, benign, lr=lr, seed=seed, proc=proc,
                                   desc=f"benign fine-tune lr={lr:g} seed={seed}", progress=progress)
+                if cfg.method == "lora":  # the attack adds its own fresh adapter
+                    model = model.merge_and_unload()
                 return model, tokenizer
             return load
         plan.append((CONTROL_LABELS["retain-tuned"], "retain-tuned", tuned, texts))
