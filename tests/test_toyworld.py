@@ -194,6 +194,24 @@ def test_answer_letters_are_one_token_each_as_in_gpt_neox(world):
 # ---------------------------------------------------------------- pretraining data
 
 
+def test_match_steps_train_on_the_first_documents_alone_then_on_the_mix(monkeypatch):
+    import sequnlearn.toyworld.pretrain as pt
+
+    config = ToyWorldConfig.reduced(match_mcq_examples=4, match_steps=3, steps=6, batch_size=2, num_layers=1)
+    docs = [[1, 2, 3, 4]] * 8 + [[20, 21, 22]] * 8  # the first 8 stand for the match MCQs
+    seen = []
+    real = pt.weighted_lm_loss
+    monkeypatch.setattr(pt, "weighted_lm_loss", lambda logits, labels, w: seen.append(
+        set(labels[labels >= 0].tolist()) - {0}) or real(logits, labels, w))
+    pt.pretrain(docs, config, 32, 0, progress=False, threads=1, first=list(range(8)))
+    assert all(tokens <= {1, 2, 3, 4} for tokens in seen[:3])  # the first stage: the match documents only
+    assert {20, 21, 22} & set().union(*seen[3:])  # then the whole mix
+    with pytest.raises(UserError, match="match_steps=6"):
+        ToyWorldConfig.reduced(match_mcq_examples=4, match_steps=6, steps=6)
+    with pytest.raises(UserError, match="match_mcq_examples > 0"):
+        ToyWorldConfig.reduced(match_steps=2)
+
+
 def test_packing_keeps_documents_whole_and_rows_start_at_a_document():
     import torch
 

@@ -296,7 +296,8 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
     _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
                    f"steps on {threads} CPU thread(s)")
     model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads,
-                          weights=weights, eval_every=eval_every, on_eval=lambda model: _accuracies(paths, model, tok))
+                          weights=weights, eval_every=eval_every, on_eval=lambda model: _accuracies(paths, model, tok),
+                          first=[i for i, d in enumerate(world.pretrain) if d["source"] == "mcq_match"])
     write_jsonl(paths.pretrain_log, log)
     _save_model(paths, model, tok)
     tail = [r["loss"] for r in log[-10:]]

@@ -100,6 +100,10 @@ class ToyWorldConfig:
     steps: int = 260
     """Optimizer steps of pretraining."""
 
+    match_steps: int = 0
+    """The first this many of ``steps`` train on the match MCQs alone (``match_mcq_examples``), a
+    curriculum: the format's mechanics before the facts and the closed-book questions that need them."""
+
     lr: float = 5e-3
     """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
 
@@ -133,6 +137,9 @@ class ToyWorldConfig:
                      "match_mcq_examples", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not 0 <= self.match_steps < self.steps or (self.match_steps and not self.match_mcq_examples):
+            raise UserError(f"match_steps={self.match_steps}: give 0, or fewer than steps={self.steps} with "
+                            "match_mcq_examples > 0 (the match MCQs it trains on)")
         if not 300 <= self.vocab_size <= 65536:
             raise UserError(f"vocab_size={self.vocab_size}: give 300 to 65536 (256 byte tokens come first)")
         if self.hidden_size % self.num_heads:

@@ -174,7 +174,7 @@ def _idle_cores(interval: float = 0.25) -> float | None:
 
 def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, progress: bool = True,
              threads: int | None = None, weights: list[list[float]] | None = None, eval_every: int = 0,
-             on_eval=None):
+             on_eval=None, first: list[int] | None = None):
     """Train a fresh GPT-NeoX model on packed documents with a next-token loss.
 
     Args:
@@ -186,6 +186,8 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
         threads: torch CPU threads while training (restored afterwards); ``None``: see
             :func:`auto_threads`.
         weights: per-token loss weights of ``docs`` (default all 1; see :func:`weighted_lm_loss`).
+        first: indices of the documents the first ``config.match_steps`` steps train on alone (the
+            curriculum's first stage; its rows are packed from these documents only).
         eval_every: call ``on_eval`` after every this many steps and after the last (0: never).
         on_eval: ``on_eval(model) -> dict`` (the model in eval mode, under ``no_grad``); the dict is
             added to that step's log line. It must not draw from torch's global random state: the
@@ -205,13 +207,14 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or auto_threads())
     try:
-        return _train(docs, config, vocab_size, eos_id, progress, weights, eval_every if on_eval else 0, on_eval)
+        return _train(docs, config, vocab_size, eos_id, progress, weights, eval_every if on_eval else 0, on_eval,
+                      first)
     finally:
         torch.set_num_threads(previous)
 
 
 def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress: bool,
-           weights: list[list[float]] | None, eval_every: int = 0, on_eval=None):
+           weights: list[list[float]] | None, eval_every: int = 0, on_eval=None, first: list[int] | None = None):
     """The training loop of :func:`pretrain` (seeded init, AdamW, warmup + cosine, clip 1.0)."""
     from tqdm.auto import tqdm
     from transformers import GPTNeoXForCausalLM
@@ -221,10 +224,16 @@ def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
     data = batches(docs, config, eos_id, torch.Generator().manual_seed(config.seed), weights)
+    if config.match_steps:
+        if not first:
+            raise UserError("match_steps needs match MCQs in the pretraining mix (match_mcq_examples > 0)")
+        weights = weights if weights is not None else [[1.0] * len(d) for d in docs]
+        stage = batches([docs[i] for i in first], config, eos_id, torch.Generator().manual_seed(config.seed + 1),
+                        [weights[i] for i in first])
     log, start = [], time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        input_ids, labels, weights_bt = next(data)  # (B, T) each
+        input_ids, labels, weights_bt = next(stage if step < config.match_steps else data)  # (B, T) each
         loss = weighted_lm_loss(model(input_ids=input_ids).logits, labels, weights_bt)
         opt.zero_grad(set_to_none=True)
         loss.backward()
