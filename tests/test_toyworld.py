@@ -156,6 +156,9 @@ def test_config_validation():
         ToyWorldConfig.reduced(forget_entities=1)
     with pytest.raises(UserError, match="unknown config key 'hiden_size'; did you mean 'hidden_size'"):
         ToyWorldConfig.reduced(hiden_size=3)
+    assert ToyWorldConfig.from_dict({"lr": "2e-3"}).lr == 0.002  # as --set lr=2e-3 gives it
+    with pytest.raises(UserError, match="lr must be a number"):
+        ToyWorldConfig.from_dict({"lr": "fast"})
 
 
 # ---------------------------------------------------------------- tokenizer

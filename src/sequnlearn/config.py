@@ -149,7 +149,7 @@ class UnlearnConfig:
     """Also log to tensorboard or wandb through accelerate's trackers."""
 
     def __post_init__(self) -> None:
-        _coerce_fields(self)
+        coerce_fields(self)
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy"))
@@ -298,7 +298,7 @@ class TamperConfig:
         return self.dtype
 
     def __post_init__(self) -> None:
-        _coerce_fields(self)
+        coerce_fields(self)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("data_order", self.data_order, ("shuffle", "reference"))
         _choice("chunking", self.chunking, ("stream", "document"))
@@ -362,12 +362,12 @@ def _at_least(name: str, value, low) -> None:
         raise UserError(f"{name} must be >= {low} (got {value})")
 
 
-def _coerce_fields(obj) -> None:
+def coerce_fields(obj) -> None:
     """Check (and where lossless, convert) each field's value to its declared type."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
-        setattr(obj, f.name, _coerce(f.name, value, hints[f.name]))
+        object.__setattr__(obj, f.name, _coerce(f.name, value, hints[f.name]))  # frozen dataclasses too
 
 
 def _coerce(name: str, value, tp):

@@ -120,8 +120,11 @@ class ToyWorldConfig:
         """Check ranges and cross-field constraints.
 
         Raises:
-            UserError: a field is out of range; the message names the field and the fix.
+            UserError: a field is out of range or of the wrong type; the message names the field and the fix.
         """
+        from sequnlearn.config import coerce_fields
+
+        coerce_fields(self)  # e.g. lr=2e-3 from --set, which YAML reads as a string
         for name in ("forget_entities", "retain_entities"):
             n = getattr(self, name)
             if not 4 <= n <= MAX_ENTITIES:
