@@ -4,8 +4,8 @@ forget accuracy comes back (evaluated in-process every k steps, step 0 included)
 A removal that ten steps of fine-tuning undo is not a removal: this is the reference's
 last experiment as a command. Its ``controls`` say what the recovery is measured against: the same
 attack on the model before unlearning (the relearning baseline), on that model after as much
-fine-tuning on benign text, and benign text as the attack corpus (does any fine-tune undo it?). Every evaluation that fails stops the attack with an error;
-no value is ever filled in.
+fine-tuning on benign text, and benign text as the attack corpus (does any fine-tune undo it?).
+Every evaluation that fails stops the attack with an error; no value is ever filled in.
 
 Under ``accelerate launch`` / ``torchrun`` every process trains on its slice of each global batch
 (``batch_size`` stays the global batch; accumulation = batch / (per-device batch × processes)) and
