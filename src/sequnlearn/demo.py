@@ -165,7 +165,7 @@ def run_demo(opts: DemoOptions) -> dict:
     summary = {"baseline": baseline, "unlearned": unlearned, "metric": METRIC, "phases": phases,
                "letter": {"baseline": letter_base, "unlearned": letter_after},
                "tamper": _curve(attack["runs"][0]) if attack else None,
-               "tamper_controls": {r["role"]: _curve(r) for r in attack["runs"][1:]} if attack else None,
+               "tamper_controls": _controls(attack) if attack else None,
                "audit": str(run.root / "audit.json"), "audit_wall_s": audit["wall_s"],
                "world": str(paths.root), "world_model": _world_model(paths), "unlearn_run": str(run.root),
                "wall_s": None}
@@ -180,6 +180,15 @@ def run_demo(opts: DemoOptions) -> dict:
 def _curve(run: dict) -> list[dict]:
     """An attack's curve as the summary keeps it: step, forget and retain accuracy."""
     return [{k: p[k] for k in ("step", "forget_acc", "retain_acc") if k in p} for p in run["curve"]]
+
+
+def _controls(attack: dict) -> dict:
+    """The first curve of each control the attack ran, by role (``base``, ``retain-tuned``, ``benign``)."""
+    out: dict[str, list[dict]] = {}
+    for run in attack["runs"]:
+        if run["role"] != "attack":
+            out.setdefault(run["role"], _curve(run))
+    return out
 
 
 def _world_model(paths) -> dict:
