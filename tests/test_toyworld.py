@@ -147,6 +147,16 @@ def test_prompts_match_the_evaluator_template(world):
     assert qa_text(fact) == mcq.build_prompt(record, "cloze") + mcq.TARGET_DELIMITER + fact.value
 
 
+def test_a_stored_config_reads_fields_added_since_at_their_defaults():
+    stored = ToyWorldConfig().to_dict()
+    del stored["match_steps"]  # a world.json written before the field existed
+    assert ToyWorldConfig().differences(stored) == []
+    assert ToyWorldConfig(steps=300).differences(stored) == ["steps"]
+    assert ToyWorldConfig(match_mcq_examples=8, match_steps=2).differences(stored) == ["match_mcq_examples",
+                                                                                        "match_steps"]
+    assert ToyWorldConfig().differences(None) == sorted([*stored, "match_steps"]) == sorted(ToyWorldConfig().to_dict())
+
+
 def test_config_validation():
     with pytest.raises(UserError, match="num_heads"):
         ToyWorldConfig(hidden_size=100, num_heads=3)
@@ -400,7 +410,7 @@ def test_a_shipped_model_if_any_is_the_default_full_worlds():
     info = shipped_info()
     if info is None:
         pytest.skip("no model shipped (src/sequnlearn/toyworld/pretrained/): the full world is pretrained on build")
-    assert info["format"] == WORLD_FORMAT and info["config"] == ToyWorldConfig().to_dict(), \
+    assert info["format"] == WORLD_FORMAT and not ToyWorldConfig().differences(info["config"]), \
         "the world changed: rebuild and ship its model (`sequnlearn toyworld build --out DIR --pretrain --ship`)"
 
 

@@ -388,12 +388,13 @@ def _toyworld_shipped_check(paths, info: dict, ship: bool) -> None:
     from sequnlearn.toyworld.shipped import shipped_info, ship as ship_model
 
     shipped = shipped_info()
-    if info.get("model_source") == "pretrained" and shipped and shipped.get("config") == info["config"]:
+    if info.get("model_source") == "pretrained" and shipped and not ToyWorldConfig.from_dict(info["config"]).differences(
+            shipped.get("config")):
         same = shipped.get("sha256") == info.get("model_sha256") and shipped.get("format") == WORLD_FORMAT
         print(f"  shipped model:     {'identical (bit for bit)' if same else 'DIFFERENT bytes from'} the shipped one "
               f"(shipped: {shipped.get('pretrain_threads')} thread(s), torch {shipped.get('torch_version')})")
     if ship:
-        if info.get("model_source") != "pretrained" or info["config"] != ToyWorldConfig().to_dict():
+        if info.get("model_source") != "pretrained" or ToyWorldConfig().differences(info["config"]):
             raise UserError("--ship needs the default (full) world pretrained here: add --pretrain, drop --set/--reduced")
         ship_model(paths.model, info)
         print("  shipped:           the package's toyworld/pretrained/ now holds this model")

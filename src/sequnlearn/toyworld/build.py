@@ -197,11 +197,9 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool, pretr
         info = read_json(paths.world_json)
     except (OSError, json.JSONDecodeError, UserError):
         return False  # unreadable: treat as an unfinished build
-    same = info.get("format") == WORLD_FORMAT and info.get("config") == config.to_dict()
-    if same and paths.is_complete():
+    diff = config.differences(info.get("config"))
+    if not diff and info.get("format") == WORLD_FORMAT and paths.is_complete():
         return not (pretrain and info.get("model_source") == "shipped")
-    old = info.get("config") or {}
-    diff = sorted(k for k, v in config.to_dict().items() if old.get(k) != v)
     if diff and not overwrite:  # the user's world with another config: not ours to replace
         raise UserError(f"{paths.root} holds a toy world built with a different config (differs in "
                         f"{', '.join(diff)}); pick another --out, or pass --overwrite (overwrite=True) to rebuild it")

@@ -187,6 +187,18 @@ class ToyWorldConfig:
         """The config as a plain JSON-able dict."""
         return asdict(self)
 
+    def differences(self, stored: dict[str, Any] | None) -> list[str]:
+        """Fields in which a stored config (a ``world.json``'s) differs from this one, sorted.
+
+        A field the stored config lacks counts at its default: fields are only ever added with a
+        default that keeps the world as it was, so a world built before a field existed is the
+        world that field's default builds.
+        """
+        if stored is None:  # no config recorded: nothing is known to match
+            return sorted(self.to_dict())
+        defaults = asdict(ToyWorldConfig())
+        return sorted(k for k, v in self.to_dict().items() if stored.get(k, defaults[k]) != v)
+
     def with_(self, **changes: Any) -> "ToyWorldConfig":
         """A copy with ``changes`` applied (validated again)."""
         return replace(self, **changes)

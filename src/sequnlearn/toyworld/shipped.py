@@ -58,7 +58,7 @@ def shipped_for(config, world_format: int, root: Path | None = None) -> dict | N
     """
     root = root or SHIPPED_DIR
     info = shipped_info(root)
-    if not info or info.get("format") != world_format or info.get("config") != config.to_dict():
+    if not info or info.get("format") != world_format or config.differences(info.get("config")):
         return None
     hashes = info.get("sha256") or {}
     if not hashes or not (root / PRETRAIN_LOG).is_file() or any(not (root / n).is_file() or sha256(root / n) != h for n, h in hashes.items()):
