@@ -25,7 +25,8 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sequnlearn demo --out runs/demo
 
 # docs/toy-world-findings.md: the reference's sweeps on the toy world (3 seeds), the attack with its
-# controls, and the report (about 45 minutes on 2 cores; two points at a time, one thread each).
+# controls (on three attack seeds, and on the three unlearning seeds), and the report (about 45 minutes
+# on 2 idle cores; sweep points two at a time, one thread each).
 FINDINGS := runs/findings
 SWEEP1   := env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn sweep
 findings: $(STAMP)
@@ -38,6 +39,9 @@ findings: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn tamper runs/sweeps/toy-l2/remove_coef=50_seed=1 \
 	  runs/sweeps/toy-kl/remove_coef=5_retain_coef=100_seed=1 --preset toy-tamper --seeds 1,2,3 \
 	  --out $(FINDINGS)/tamper --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn tamper $(foreach s,1 2 3,runs/sweeps/toy-l2/remove_coef=50_seed=$(s)) \
+	  $(foreach s,1 2 3,runs/sweeps/toy-kl/remove_coef=5_retain_coef=100_seed=$(s)) --preset toy-tamper \
+	  --controls benign --seeds 1 --out $(FINDINGS)/tamper-unlearning-seeds --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report runs/sweeps/toy-l2 runs/sweeps/toy-kl $(FINDINGS)/tamper \
 	  --out $(FINDINGS)/report
 
