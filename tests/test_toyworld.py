@@ -315,6 +315,8 @@ def test_scoring_during_pretraining_logs_accuracies_and_leaves_the_weights_alone
     final = forget_retain_accuracy(*load_model(str(scored.model)), EvalSpec(str(scored.forget_mcq),
                                                                             str(scored.retain_mcq), "letter"))
     assert log[-1]["letter"] == {"forget_acc": final["forget_acc"], "retain_acc": final["retain_acc"]}
+    with pytest.raises(UserError, match="eval_every=-1"):
+        build_world(tmp_path / "bad", small, progress=False, eval_every=-1)
 
 
 def test_overwrite_rebuilds_with_the_new_config(tmp_path):

@@ -154,6 +154,8 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
         return paths
     if threads is not None and threads < 1:
         raise UserError(f"threads={threads}: give a positive number of CPU threads, or leave it unset")
+    if eval_every < 0:
+        raise UserError(f"eval_every={eval_every}: score every this many pretraining steps (a positive number), or 0 for never")
     _check_not_foreign(paths)
     _clear(paths)
     start = time.perf_counter()
