@@ -284,3 +284,19 @@ def test_chance_level_follows_the_number_of_choices():
     records = [MCQRecord("q", ["a", "b"], 0), MCQRecord("q", ["a", "b", "c", "d"], 1)]
     task = MCQTask("t", [MCQSubtask("t", records)], "t")
     assert chance_level(task) == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+
+def test_a_spec_with_its_tasks_loaded_reads_each_once_and_scores_the_same(monkeypatch):
+    import sequnlearn.eval as ev
+    from sequnlearn.model.tiny import byte_tokenizer, tiny_model
+
+    mcq = str(Path(__file__).parent / "fixtures" / "mcq_60.jsonl")
+    reads = []
+    real = ev.load_task
+    monkeypatch.setattr(ev, "load_task", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    spec = ev.with_loaded_tasks(ev.EvalSpec(mcq, mcq, "cloze", limit=8))
+    assert reads == [mcq] and spec.forget_task is spec.retain_task and isinstance(spec.forget_task, MCQTask)
+    assert ev.with_loaded_tasks(spec) == spec and reads == [mcq]  # loaded tasks are kept
+    model, tok = tiny_model("gpt_neox", seed=3), byte_tokenizer()
+    assert ev.forget_retain_accuracy(model, tok, spec) == ev.forget_retain_accuracy(
+        model, tok, ev.EvalSpec(mcq, mcq, "cloze", limit=8))

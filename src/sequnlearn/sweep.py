@@ -157,12 +157,15 @@ def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:
     With several styles (``style: [cloze, letter]``) the first gives the headline accuracies and
     ``styles`` holds each style's ``{forget_acc, retain_acc}``.
     """
-    from sequnlearn.eval import forget_retain_accuracy
+    from dataclasses import replace
+
+    from sequnlearn.eval import forget_retain_accuracy, with_loaded_tasks
     from sequnlearn.model.load import load_model
 
     model, tok = load_model(model_path)
     styles = eval_styles(ev)
-    results = {style: forget_retain_accuracy(model, tok, eval_spec(ev, style)) for style in styles}
+    spec = with_loaded_tasks(eval_spec(ev))  # read once, scored in every style
+    results = {style: forget_retain_accuracy(model, tok, replace(spec, style=style)) for style in styles}
     out = results[styles[0]]
     if len(styles) > 1:
         out["styles"] = {style: {k: r[k] for k in ("forget_acc", "retain_acc") if k in r} for style, r in results.items()}
@@ -175,11 +178,11 @@ def eval_styles(ev: dict[str, Any]) -> list[str]:
     return list(style) if isinstance(style, (list, tuple)) else [style]
 
 
-def eval_spec(ev: dict[str, Any], style: str | None = None):
-    """The :class:`~sequnlearn.eval.EvalSpec` of a sweep file's ``eval`` mapping (in ``style``; default its first)."""
+def eval_spec(ev: dict[str, Any]):
+    """The :class:`~sequnlearn.eval.EvalSpec` of a sweep file's ``eval`` mapping (in its first style)."""
     from sequnlearn.eval import EvalSpec
 
-    return EvalSpec(ev["forget_task"], ev.get("retain_task"), style or eval_styles(ev)[0], ev.get("limit"),
+    return EvalSpec(ev["forget_task"], ev.get("retain_task"), eval_styles(ev)[0], ev.get("limit"),
                     ev.get("batch_size", 16), ev.get("num_fewshot", 0))
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -228,6 +228,21 @@ def chance_level(task: MCQTask) -> float:
     return sum(1 / len(r.choices) for r in records) / len(records)
 
 
+def with_loaded_tasks(spec: EvalSpec) -> EvalSpec:
+    """``spec`` with its forget and retain tasks loaded (names and files read once; loaded tasks kept),
+    for a spec evaluated several times: in several styles, or every k steps.
+
+    Raises:
+        UserError: a task cannot be loaded.
+    """
+    def load(task):
+        return task if task is None or isinstance(task, MCQTask) else load_tasks([task], num_fewshot=spec.num_fewshot)[0]
+
+    forget = load(spec.forget_task)
+    retain = forget if spec.retain_task == spec.forget_task else load(spec.retain_task)
+    return replace(spec, forget_task=forget, retain_task=retain)
+
+
 def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progress: bool = False) -> dict[str, Any]:
     """Forget (and retain) accuracy of a model in memory, each with its task's chance level.
 
@@ -238,9 +253,8 @@ def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progre
     Raises:
         UserError: a task cannot be loaded, or an evaluation gave no finite accuracy.
     """
-    wanted = {k: t for k, t in (("forget", spec.forget_task), ("retain", spec.retain_task)) if t is not None}
-    loaded = {k: t if isinstance(t, MCQTask) else load_tasks([t], num_fewshot=spec.num_fewshot)[0]
-              for k, t in wanted.items()}
+    spec = with_loaded_tasks(spec)
+    loaded = {k: t for k, t in (("forget", spec.forget_task), ("retain", spec.retain_task)) if t is not None}
     unique = list({t.name: t for t in loaded.values()}.values())  # the same set for both: evaluated once
     res = evaluate(model, tokenizer, unique, style=spec.style, limit=spec.limit,
                    batch_size=spec.batch_size, num_fewshot=spec.num_fewshot, progress=progress)

@@ -296,7 +296,7 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
     _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
                    f"steps on {threads} CPU thread(s)")
     model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads,
-                          weights=weights, eval_every=eval_every, on_eval=lambda model: _accuracies(paths, model, tok),
+                          weights=weights, eval_every=eval_every, on_eval=_scorer(paths, tok) if eval_every else None,
                           first=[i for i, d in enumerate(world.pretrain) if d["source"] == "mcq_match"])
     write_jsonl(paths.pretrain_log, log)
     _save_model(paths, model, tok)
@@ -308,15 +308,21 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
             "model_sha256": model_hashes(paths.model)}
 
 
-def _accuracies(paths: ToyWorldPaths, model, tok) -> dict:
-    """Forget and retain accuracy of ``model`` on the world's MCQs in each format: ``{cloze: {...}, letter: {...}}``."""
-    from sequnlearn.eval import EvalSpec, forget_retain_accuracy
+def _scorer(paths: ToyWorldPaths, tok):
+    """``model -> {cloze: {forget_acc, retain_acc}, letter: {...}}`` on the world's MCQs (read once)."""
+    from dataclasses import replace
 
-    out = {}
-    for style in ("cloze", "letter"):
-        res = forget_retain_accuracy(model, tok, EvalSpec(str(paths.forget_mcq), str(paths.retain_mcq), style))
-        out[style] = {"forget_acc": res["forget_acc"], "retain_acc": res["retain_acc"]}
-    return out
+    from sequnlearn.eval import EvalSpec, forget_retain_accuracy, with_loaded_tasks
+
+    spec = with_loaded_tasks(EvalSpec(str(paths.forget_mcq), str(paths.retain_mcq)))
+
+    def score(model) -> dict:
+        out = {}
+        for style in ("cloze", "letter"):
+            res = forget_retain_accuracy(model, tok, replace(spec, style=style))
+            out[style] = {"forget_acc": res["forget_acc"], "retain_acc": res["retain_acc"]}
+        return out
+    return score
 
 
 def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> list[float]:
