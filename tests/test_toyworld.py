@@ -12,7 +12,8 @@ import pytest
 
 from sequnlearn.errors import UserError
 from sequnlearn.toyworld import DOMAINS, ToyWorldConfig, build_world, generate_world, load_world_info
-from sequnlearn.toyworld.world import ALL_DOMAINS, LETTERS, attribute, letter_prompt, make_match_mcqs, qa_text
+from sequnlearn.toyworld.world import (ALL_DOMAINS, FIRST_STAGE, LETTERS, attribute, letter_prompt, make_match_mcqs,
+                                      qa_text)
 
 REDUCED = ToyWorldConfig.reduced()
 
@@ -138,6 +139,15 @@ def test_match_mcqs_name_their_answer_and_deal_letters_evenly():
     assert "mcq_match" not in {d["source"] for d in generate_world(ToyWorldConfig.reduced()).pretrain}
 
 
+def test_first_stage_documents_come_after_the_mix_and_are_another_draw():
+    plain = generate_world(ToyWorldConfig.reduced(match_mcq_examples=20))
+    staged = generate_world(ToyWorldConfig.reduced(match_mcq_examples=20, match_stage_examples=30, match_steps=5))
+    assert staged.pretrain[: len(plain.pretrain)] == plain.pretrain  # the mix is unchanged
+    stage = staged.pretrain[len(plain.pretrain):]
+    assert {d["source"] for d in stage} == {FIRST_STAGE} and [d["text"] for d in stage] == make_match_mcqs(30, 0, "match-stage")
+    assert not {d["text"] for d in stage} & {d["text"] for d in plain.pretrain}
+
+
 def test_prompts_match_the_evaluator_template(world):
     mcq = pytest.importorskip("sequnlearn.data.mcq")
     r = world.mcqs["forget"][0]
@@ -152,8 +162,8 @@ def test_a_stored_config_reads_fields_added_since_at_their_defaults():
     del stored["match_steps"]  # a world.json written before the field existed
     assert ToyWorldConfig().differences(stored) == []
     assert ToyWorldConfig(steps=300).differences(stored) == ["steps"]
-    assert ToyWorldConfig(match_mcq_examples=8, match_steps=2).differences(stored) == ["match_mcq_examples",
-                                                                                        "match_steps"]
+    assert ToyWorldConfig(match_stage_examples=8, match_steps=2).differences(stored) == ["match_stage_examples",
+                                                                                          "match_steps"]
     assert ToyWorldConfig().differences(None) == sorted([*stored, "match_steps"]) == sorted(ToyWorldConfig().to_dict())
 
 
@@ -207,10 +217,10 @@ def test_answer_letters_are_one_token_each_as_in_gpt_neox(world):
 # ---------------------------------------------------------------- pretraining data
 
 
-def test_match_steps_train_on_the_first_documents_alone_then_on_the_mix(monkeypatch):
+def test_match_steps_train_on_the_first_documents_alone_then_on_the_rest(monkeypatch):
     import sequnlearn.toyworld.pretrain as pt
 
-    config = ToyWorldConfig.reduced(match_mcq_examples=4, match_steps=3, steps=6, batch_size=2, num_layers=1)
+    config = ToyWorldConfig.reduced(match_stage_examples=4, match_steps=3, steps=6, batch_size=2, num_layers=1)
     docs = [[1, 2, 3, 4]] * 8 + [[20, 21, 22]] * 8  # the first 8 stand for the match MCQs
     seen = []
     real = pt.weighted_lm_loss
@@ -218,11 +228,12 @@ def test_match_steps_train_on_the_first_documents_alone_then_on_the_mix(monkeypa
         set(labels[labels >= 0].tolist()) - {0}) or real(logits, labels, w))
     pt.pretrain(docs, config, 32, 0, progress=False, threads=1, first=list(range(8)))
     assert all(tokens <= {1, 2, 3, 4} for tokens in seen[:3])  # the first stage: the match documents only
-    assert {20, 21, 22} & set().union(*seen[3:])  # then the whole mix
+    assert all(tokens <= {20, 21, 22} for tokens in seen[3:]) and {20, 21, 22} & set().union(*seen[3:])  # then the rest
     with pytest.raises(UserError, match="match_steps=6"):
-        ToyWorldConfig.reduced(match_mcq_examples=4, match_steps=6, steps=6)
-    with pytest.raises(UserError, match="match_mcq_examples > 0"):
-        ToyWorldConfig.reduced(match_steps=2)
+        ToyWorldConfig.reduced(match_stage_examples=4, match_steps=6, steps=6)
+    for bad in (dict(match_steps=2), dict(match_stage_examples=4), dict(match_mcq_examples=4, match_steps=2)):
+        with pytest.raises(UserError, match="match_stage_examples"):
+            ToyWorldConfig.reduced(**bad)
 
 
 def test_packing_keeps_documents_whole_and_rows_start_at_a_document():
@@ -302,12 +313,13 @@ def test_second_build_reuses_the_cache(built, monkeypatch):
 def test_scoring_during_pretraining_logs_accuracies_and_leaves_the_weights_alone(tmp_path):
     from sequnlearn.runs import read_jsonl
 
-    small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=5)
+    small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=5, match_mcq_examples=300)
     plain = build_world(tmp_path / "plain", small, progress=False, threads=1)
     scored = build_world(tmp_path / "scored", small, progress=False, threads=1, eval_every=2)
     assert load_world_info(scored.root)["model_sha256"] == load_world_info(plain.root)["model_sha256"]
     log = read_jsonl(scored.pretrain_log)
     assert [r["step"] for r in log if "letter" in r] == [1, 3, 4]  # after steps 2 and 4, and the last
+    assert all(0 <= r["match_acc"] <= 1 for r in log if "letter" in r)
     assert not any("cloze" in r for r in read_jsonl(plain.pretrain_log))
     from sequnlearn.eval import EvalSpec, forget_retain_accuracy
     from sequnlearn.model.load import load_model
@@ -317,6 +329,29 @@ def test_scoring_during_pretraining_logs_accuracies_and_leaves_the_weights_alone
     assert log[-1]["letter"] == {"forget_acc": final["forget_acc"], "retain_acc": final["retain_acc"]}
     with pytest.raises(UserError, match="eval_every=-1"):
         build_world(tmp_path / "bad", small, progress=False, eval_every=-1)
+
+
+def test_held_out_match_questions_are_no_pretraining_text(monkeypatch, tmp_path):
+    from sequnlearn.toyworld import build as build_module
+    from sequnlearn.toyworld.world import match_mcq_records
+
+    config = ToyWorldConfig.reduced(match_mcq_examples=3000, match_stage_examples=3000, match_steps=1)
+    world = generate_world(config)
+    seen = {d["text"].rsplit(" ", 1)[0] for d in world.pretrain}
+    drawn = [letter_prompt(r["question"], r["choices"]) for r in match_mcq_records(400, 0, "match-heldout")]
+    assert seen & set(drawn)  # a plain draw repeats some training texts at this size ...
+    import sequnlearn.eval as eval_module
+
+    scored = []
+    monkeypatch.setattr(eval_module, "evaluate", lambda model, tok, tasks, **kw: scored.extend(tasks) or
+                        {"tasks": {tasks[0].name: {"acc": 0.5}}})
+    monkeypatch.setattr(eval_module, "forget_retain_accuracy", lambda *a, **k: {"forget_acc": 0, "retain_acc": 0})
+    paths = build_module.ToyWorldPaths(tmp_path)
+    build_module._write_text_files(paths, world)
+    assert build_module._scorer(paths, None, world, 0)(None)["match_acc"] == 0.5
+    (match,) = scored
+    held = [letter_prompt(r.question, r.choices) for r in match.subtasks[0].records]
+    assert len(held) == build_module.HELD_OUT_MATCH and not seen & set(held)  # ... the scored set none
 
 
 def test_overwrite_rebuilds_with_the_new_config(tmp_path):

@@ -40,7 +40,7 @@ from sequnlearn.errors import UserError
 from sequnlearn.runs import atomic_dir, read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
-from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, World, generate_world
+from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, World, generate_world
 
 WORLD_FORMAT = 3
 """Version of the on-disk world; bump it when generation changes so old caches are not reused
@@ -296,8 +296,9 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
     _say(progress, f"toy world: pretraining a {config.num_layers}x{config.hidden_size} GPT-NeoX for {config.steps} "
                    f"steps on {threads} CPU thread(s)")
     model, log = pretrain(docs, config, len(tok), tok.eos_token_id, progress=progress, threads=threads,
-                          weights=weights, eval_every=eval_every, on_eval=_scorer(paths, tok) if eval_every else None,
-                          first=[i for i, d in enumerate(world.pretrain) if d["source"] == "mcq_match"])
+                          weights=weights, eval_every=eval_every,
+                          on_eval=_scorer(paths, tok, world, config.seed) if eval_every else None,
+                          first=[i for i, d in enumerate(world.pretrain) if d["source"] == FIRST_STAGE])
     write_jsonl(paths.pretrain_log, log)
     _save_model(paths, model, tok)
     tail = [r["loss"] for r in log[-10:]]
@@ -308,19 +309,32 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
             "model_sha256": model_hashes(paths.model)}
 
 
-def _scorer(paths: ToyWorldPaths, tok):
-    """``model -> {cloze: {forget_acc, retain_acc}, letter: {...}}`` on the world's MCQs (read once)."""
+HELD_OUT_MATCH = 200
+"""Held-out match MCQs scored during pretraining (``eval_every``), none of them a pretraining text."""
+
+
+def _scorer(paths: ToyWorldPaths, tok, world: World, seed: int):
+    """``model -> {cloze: {forget_acc, retain_acc}, letter: {...}, match_acc}`` on the world's MCQs (read
+    once) and on :data:`HELD_OUT_MATCH` match MCQs that no pretraining text holds (letter format)."""
     from dataclasses import replace
 
-    from sequnlearn.eval import EvalSpec, forget_retain_accuracy, with_loaded_tasks
+    from sequnlearn.data.mcq import MCQSubtask, MCQTask, record_from_dict
+    from sequnlearn.eval import EvalSpec, evaluate, forget_retain_accuracy, with_loaded_tasks
+    from sequnlearn.toyworld.world import letter_prompt, match_mcq_records
 
     spec = with_loaded_tasks(EvalSpec(str(paths.forget_mcq), str(paths.retain_mcq)))
+    seen = {d["text"].rsplit(" ", 1)[0] for d in world.pretrain}
+    held = [r for r in match_mcq_records(2 * HELD_OUT_MATCH, seed, "match-heldout")
+            if letter_prompt(r["question"], r["choices"]) not in seen][:HELD_OUT_MATCH]
+    match = MCQTask("match (held out)", [MCQSubtask("match", [record_from_dict(r, "match") for r in held])],
+                    "generated")
 
     def score(model) -> dict:
         out = {}
         for style in ("cloze", "letter"):
             res = forget_retain_accuracy(model, tok, replace(spec, style=style))
             out[style] = {"forget_acc": res["forget_acc"], "retain_acc": res["retain_acc"]}
+        out["match_acc"] = evaluate(model, tok, [match], style="letter", progress=False)["tasks"][match.name]["acc"]
         return out
     return score
 

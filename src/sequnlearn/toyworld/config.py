@@ -68,11 +68,16 @@ class ToyWorldConfig:
     question (reading comprehension: the easy form of the skill, a curriculum for the closed-book one)."""
 
     match_mcq_examples: int = 0
-    """Answered letter-format MCQs whose question names the answer ("Which of these is red?"), drawn
-    over all attributes: the format's mechanics (find the named choice, answer its letter) without a
-    fact. Off by default: trained alone they are learnt after a long plateau (about 1,300 steps of
-    64), but mixed with the facts and the closed-book MCQs (4,000 steps) they taught no held-out
-    letter-format answer; see "Letter format" in ``docs/toy-world-findings.md``."""
+    """Answered letter-format MCQs in the pretraining mix whose question names the answer ("Which of
+    these is red?"), drawn over all attributes: the format's mechanics (find the named choice,
+    answer its letter) without a fact. Off by default: trained alone they are learnt after a long
+    plateau (about 1,300 steps of 64), but mixed with the facts and the closed-book MCQs (4,000
+    steps) they taught no held-out letter-format answer; see "Letter format" in
+    ``docs/toy-world-findings.md``."""
+
+    match_stage_examples: int = 0
+    """Match MCQs (as ``match_mcq_examples``, another draw) that the first ``match_steps`` steps
+    train on alone; they are not in the mix the later steps train on."""
 
     mcq_answer_weight: float = 5.0
     """Pretraining loss weight of the answer letter of each letter-format MCQ (its question and
@@ -101,8 +106,8 @@ class ToyWorldConfig:
     """Optimizer steps of pretraining."""
 
     match_steps: int = 0
-    """The first this many of ``steps`` train on the match MCQs alone (``match_mcq_examples``), a
-    curriculum: the format's mechanics before the facts and the closed-book questions that need them."""
+    """The first this many of ``steps`` train on the ``match_stage_examples`` alone, a curriculum:
+    the format's mechanics before the facts and the closed-book questions that need them."""
 
     lr: float = 5e-3
     """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
@@ -137,12 +142,13 @@ class ToyWorldConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be a positive integer")
         for name in ("qa_per_fact", "mcq_examples_per_fact", "practice_mcq_per_fact", "practice_context_mcq_per_fact",
-                     "match_mcq_examples", "warmup_steps"):
+                     "match_mcq_examples", "match_stage_examples", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
-        if not 0 <= self.match_steps < self.steps or (self.match_steps and not self.match_mcq_examples):
-            raise UserError(f"match_steps={self.match_steps}: give 0, or fewer than steps={self.steps} with "
-                            "match_mcq_examples > 0 (the match MCQs it trains on)")
+        if not 0 <= self.match_steps < self.steps or bool(self.match_steps) != bool(self.match_stage_examples):
+            raise UserError(f"match_steps={self.match_steps}, match_stage_examples={self.match_stage_examples}: give "
+                            f"both 0, or both > 0 with match_steps < steps={self.steps} (the first stage trains on "
+                            "the stage's MCQs alone)")
         if not 300 <= self.vocab_size <= 65536:
             raise UserError(f"vocab_size={self.vocab_size}: give 300 to 65536 (256 byte tokens come first)")
         if self.hidden_size % self.num_heads:

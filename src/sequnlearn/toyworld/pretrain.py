@@ -187,7 +187,8 @@ def pretrain(docs: list[list[int]], config, vocab_size: int, eos_id: int, *, pro
             :func:`auto_threads`.
         weights: per-token loss weights of ``docs`` (default all 1; see :func:`weighted_lm_loss`).
         first: indices of the documents the first ``config.match_steps`` steps train on alone (the
-            curriculum's first stage; its rows are packed from these documents only).
+            curriculum's first stage; its rows are packed from these documents only); the later
+            steps train on the other documents.
         eval_every: call ``on_eval`` after every this many steps and after the last (0: never).
         on_eval: ``on_eval(model) -> dict`` (the model in eval mode, under ``no_grad``); the dict is
             added to that step's log line. It must not draw from torch's global random state: the
@@ -223,13 +224,16 @@ def _train(docs: list[list[int]], config, vocab_size: int, eos_id: int, progress
     model = GPTNeoXForCausalLM(neox_config(config, vocab_size, eos_id)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, config))
-    data = batches(docs, config, eos_id, torch.Generator().manual_seed(config.seed), weights)
     if config.match_steps:
         if not first:
-            raise UserError("match_steps needs match MCQs in the pretraining mix (match_mcq_examples > 0)")
+            raise UserError("match_steps needs first-stage documents (match_stage_examples > 0)")
         weights = weights if weights is not None else [[1.0] * len(d) for d in docs]
+        staged = set(first)
         stage = batches([docs[i] for i in first], config, eos_id, torch.Generator().manual_seed(config.seed + 1),
                         [weights[i] for i in first])
+        rest = [i for i in range(len(docs)) if i not in staged]
+        docs, weights = [docs[i] for i in rest], [weights[i] for i in rest]
+    data = batches(docs, config, eos_id, torch.Generator().manual_seed(config.seed), weights)
     log, start = [], time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:

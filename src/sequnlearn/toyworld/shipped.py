@@ -6,8 +6,9 @@ tokenizer files, and ``world.json`` naming the world config, the world format, t
 was pretrained with and the SHA-256 of every file. :func:`~sequnlearn.toyworld.build.build_world`
 copies it whenever the asked-for config is the shipped one; ``--pretrain`` pretrains instead, with
 the shipped thread count, which rebuilds the same bytes on the same torch version and CPU kind
-(another thread count or SIMD path sums floats in another order and gives other weights).
-Nothing is shipped today: the full world pretrains in about two minutes.
+(another thread count or SIMD path sums floats in another order and gives other weights). The
+default world's model is shipped: ``make demo`` copies it instead of pretraining, and
+``SEQUNLEARN_REBUILD_TEST=1 pytest -k rebuilds_the_shipped_full`` checks the rebuild.
 """
 
 from __future__ import annotations

@@ -365,34 +365,52 @@ def make_mcq_examples(facts: list[Fact], held_out: list[dict] | None, per_fact: 
     return texts
 
 
-def make_match_mcqs(n: int, seed: int) -> list[str]:
-    """Answered letter-format MCQs whose question names the answer ("Which of these is red?").
+def match_mcq_records(n: int, seed: int, stream: str = "match-mcq") -> list[dict]:
+    """MCQ records whose question names the answer ("Which of these is red?").
 
-    They teach the format's mechanics without any fact: find the choice the question names and
-    answer its letter, the step a small model has to learn before it can answer a letter-format
-    question from what it knows. Values and distractors come from every attribute of every domain
-    (the question states the value, so it teaches no fact); letters are dealt from a shuffled,
-    balanced deck.
+    Values and distractors come from every attribute of every domain (the question states the
+    value, so the record holds no fact); answer positions are dealt from a shuffled, balanced deck.
 
     Args:
-        n: number of examples.
+        n: number of records.
         seed: master seed.
+        stream: name of the random stream (``match-mcq``: the pretraining mix; ``match-stage``: the
+            curriculum's first stage; ``match-heldout``: the held-out set scored during pretraining).
 
     Returns:
-        ``n`` texts ``letter_prompt("Which of these is <value>?", choices) + " X"``.
+        ``n`` records ``{"question", "choices", "answer", "category"}`` (category: the attribute).
     """
-    rng = random.Random(f"{seed}/match-mcq")
+    rng = random.Random(f"{seed}/{stream}")
     attributes = [a for d in ALL_DOMAINS.values() for a in d.attributes]
     letters = [i % len(LETTERS) for i in range(n)]
     rng.shuffle(letters)
-    texts = []
+    records = []
     for answer in letters:
         attr = rng.choice(attributes)
         value = rng.choice(attr.values)
         choices = rng.sample([v for v in attr.values if v != value], 3)
         choices.insert(answer, value)
-        texts.append(f"{letter_prompt(f'Which of these is {value}?', choices)} {LETTERS[answer]}")
-    return texts
+        records.append({"question": f"Which of these is {value}?", "choices": choices, "answer": answer,
+                        "category": attr.name})
+    return records
+
+
+def make_match_mcqs(n: int, seed: int, stream: str = "match-mcq") -> list[str]:
+    """Answered letter-format MCQs whose question names the answer ("Which of these is red?").
+
+    They teach the format's mechanics without any fact: find the choice the question names and
+    answer its letter, the step a small model has to learn before it can answer a letter-format
+    question from what it knows (see :func:`match_mcq_records`).
+
+    Returns:
+        ``n`` texts ``letter_prompt("Which of these is <value>?", choices) + " X"``.
+    """
+    return [f"{letter_prompt(r['question'], r['choices'])} {LETTERS[r['answer']]}"
+            for r in match_mcq_records(n, seed, stream)]
+
+
+FIRST_STAGE = "mcq_match_stage"
+"""Source of the pretraining documents of the curriculum's first stage (:attr:`World.pretrain`)."""
 
 
 @dataclass(frozen=True)
@@ -410,8 +428,10 @@ class World:
 
     pretrain: list[dict]
     """The shuffled pretraining mix: ``{"text", "source"}`` with source ``forget``, ``retain`` or
-    ``practice`` (fact sentences), ``qa_<domain>`` (answered cloze questions) or ``mcq_<domain>``
-    (answered letter-format MCQs). Fact sentences come one per entry (not grouped as in
+    ``practice`` (fact sentences), ``qa_<domain>`` (answered cloze questions), ``mcq_<domain>``
+    (answered letter-format MCQs) or ``mcq_match`` (MCQs naming their answer); then, after the mix,
+    the curriculum's first-stage documents (source ``mcq_match_stage``), which only the first
+    ``match_steps`` steps train on. Fact sentences come one per entry (not grouped as in
     ``corpora``): the packer then gives each a fresh context every epoch, so the model must learn
     entity → value rather than memorise a fixed document."""
 
@@ -441,6 +461,8 @@ def generate_world(config) -> World:
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
     mix += [{"text": t, "source": "mcq_match"} for t in make_match_mcqs(config.match_mcq_examples, config.seed)]
     random.Random(f"{config.seed}/pretrain-mix").shuffle(mix)
+    mix += [{"text": t, "source": FIRST_STAGE}
+            for t in make_match_mcqs(config.match_stage_examples, config.seed, "match-stage")]
     return World(facts=facts, corpora=corpora, mcqs=mcqs, pretrain=mix)
 
 
