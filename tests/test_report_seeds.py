@@ -226,3 +226,27 @@ def test_a_seeds_list_repeats_every_point_and_equals_the_seed_grid(seed_sweep, t
         listed.write_text(yaml.safe_dump({**data, "seeds": bad}))
         with pytest.raises(UserError, match="seeds must be a non-empty list of distinct integers"):
             load_sweep(str(listed))
+
+
+def test_point_labels_of_a_crowded_plot_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sequnlearn.report import _place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4.6))
+    pts = [(0.473, 0.965), (0.458, 0.950), (0.510, 0.975), (0.563, 0.979), (0.575, 0.979), (0.604, 0.985),
+           (0.383, 0.865)]
+    ax.scatter(*zip(*pts))
+    ax.set_xlim(0.2, 1.05)
+    ax.set_ylim(0.2, 1.05)
+    _place_labels(ax, [(f"KL rm{10 * i}/ret{5 * i}", p) for i, p in enumerate(pts)])
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the labels' text, not their leader lines
+    assert len(boxes) == len(pts)
+    assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    plt.close(fig)

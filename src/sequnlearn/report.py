@@ -55,19 +55,28 @@ def pm(mean: float | None, sd: float | None = None) -> str:
 
 def plot_tamper(result: dict, path: Path) -> None:
     """Forget accuracy vs attack step with baseline and chance lines: one line per (model, lr), the
-    mean over its seeds with a ±sd band when it has several, else the one attack (labelled by seed)."""
+    mean over its seeds with a ±sd band when it has several, else the one attack (labelled by seed).
+
+    What every line shares (one lr, one seed count) goes into the title, not each label, and the
+    legend sits below the axes, so a plot with the controls' six lines still shows every curve.
+    """
     plt = _pyplot()
+    groups = by_model_lr(result["runs"])
+    lrs = {lr for _, lr in groups}
+    counts = {len(runs) for runs in groups.values()}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (model, lr), runs in by_model_lr(result["runs"]).items():
+    for (model, lr), runs in groups.items():
+        label = model if len(lrs) == 1 else f"{model} lr={lr:g}"
         if len(runs) == 1:
             steps = [p["step"] for p in runs[0]["curve"]]
             ax.plot(steps, [p["forget_acc"] for p in runs[0]["curve"]], marker="o", ms=3,
-                    label=f"{model} lr={lr:g} seed={runs[0]['seed']}")
+                    label=label if counts == {1} else f"{label} seed={runs[0]['seed']}")
         else:
             curve = seed_curve(runs)
             steps, mean = [c["step"] for c in curve], [c["mean"] for c in curve]
             sd = [c["sd"] or 0.0 for c in curve]
-            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=f"{model} lr={lr:g} mean ± sd, {len(runs)} seeds")
+            (line,) = ax.plot(steps, mean, marker="o", ms=3,
+                              label=label if len(counts) == 1 else f"{label} (mean ± sd, {len(runs)} seeds)")
             ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
                             color=line.get_color(), alpha=0.2, lw=0)
     if result.get("baseline") is not None:
@@ -75,8 +84,12 @@ def plot_tamper(result: dict, path: Path) -> None:
     ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="random chance")
     ax.set_xlabel("attack step")
     ax.set_ylabel("forget accuracy")
-    ax.set_title("Tampering attack: recovery of forget accuracy")
-    ax.legend(fontsize=8, loc="best")
+    shared = [f"lr {next(iter(lrs)):g}"] if len(lrs) == 1 else []
+    if len(counts) == 1 and (n := next(iter(counts))) > 1:
+        shared.append(f"mean ± sd over {n} seeds")
+    ax.set_title("Tampering attack: recovery of forget accuracy" + (f"\n({', '.join(shared)})" if shared else ""),
+                 fontsize=11)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     _save(fig, path)
 
 
@@ -450,10 +463,8 @@ def plot_tradeoff(groups: list[dict], baselines: list[dict], path: Path, chance:
     front = pareto_front(pts)
     # Up to 8 points every one is named; beyond that only the Pareto front (the table names the rest).
     named = {pts[i] for i in front} if len(pts) > 8 else set(pts)
-    for g, xy in zip(groups, pts):
-        if xy in named:
-            ax.annotate(f"{g['retain loss']} rm{g['remove_coef']:g}/ret{g['retain_coef']:g}", xy, fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+    labels = [(f"{g['retain loss']} rm{g['remove_coef']:g}/ret{g['retain_coef']:g}", xy)
+              for g, xy in zip(groups, pts) if xy in named]
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k-", lw=1, alpha=0.6, label="Pareto front")
     for i, b in enumerate(baselines):
         ax.scatter([b["eval"]["forget_acc"]], [b["eval"].get("retain_acc", 0)], marker="*", s=160, c="k",
@@ -463,8 +474,37 @@ def plot_tradeoff(groups: list[dict], baselines: list[dict], path: Path, chance:
     ax.set_xlabel("forget accuracy (lower is better)")
     ax.set_ylabel("retain accuracy (higher is better)")
     ax.set_title("Forget / retain trade-off" + (" (mean ± sd over seeds)" if _repeated(groups) else ""))
+    _place_labels(ax, labels)  # last: every artist is in, so the axes limits are final
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+_LABEL_OFFSETS = [(4, 4), (4, -11), (-4, 4), (-4, -11), (4, 14), (-4, 14), (4, -21), (-4, -21), (4, 24), (-4, 24),
+                  (4, -31), (-4, -31), (4, 34), (-4, 34), (4, -41), (-4, -41)]
+"""Candidate label positions around a point, in points (x, y); a negative x puts the label left of it."""
+
+
+def _place_labels(ax, labels: list[tuple[str, tuple[float, float]]], fontsize: float = 7) -> None:
+    """Annotate points so that no two labels overlap: each takes the first spot of :data:`_LABEL_OFFSETS`
+    where its rendered box meets no label placed before it (the last spot when none is free).
+
+    Call it after the last artist is added: the axes limits must be final.
+    """
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = []
+    for text, xy in sorted(labels, key=lambda lab: (-lab[1][1], lab[1][0])):  # top to bottom
+        for dx, dy in _LABEL_OFFSETS:
+            far = (dx, dy) not in _LABEL_OFFSETS[:4]
+            note = ax.annotate(text, xy, fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
+                               ha="left" if dx >= 0 else "right", va="bottom",
+                               arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if far else None)
+            box = Text.get_window_extent(note, renderer).padded(2)  # the text alone (not its leader line), 2 px apart
+            if not any(box.overlaps(b) for b in boxes) or (dx, dy) == _LABEL_OFFSETS[-1]:
+                boxes.append(box)
+                break
+            note.remove()
 
 
 def plot_forget_vs_remove(groups: list[dict], path: Path, chance: float = CHANCE_4WAY, runs: list[dict] = ()) -> None:
