@@ -463,3 +463,40 @@ def test_pretraining_rebuilds_the_shipped_full_world_model_bit_for_bit(tmp_path)
     paths = build_world(tmp_path, ToyWorldConfig(), progress=False, pretrain=True)
     info = load_world_info(paths.root)
     assert info["model_sha256"] == shipped["sha256"], (info["torch_version"], shipped["torch_version"])
+
+
+def test_an_mcq_about_facts_trains_its_answer_alone_a_match_mcq_every_token():
+    from sequnlearn.toyworld.build import _loss_weights
+    from sequnlearn.toyworld.tokenizer import train_tokenizer
+
+    world = generate_world(ToyWorldConfig.reduced(practice_entities=4, practice_mcq_per_fact=1, match_mcq_examples=4,
+                                                  match_stage_examples=4, match_steps=1))
+    tok = train_tokenizer([d["text"] for d in world.pretrain], 512)
+    seen = set()
+    for entry in world.pretrain:
+        ids = tok(entry["text"], add_special_tokens=False)["input_ids"]
+        w = _loss_weights(entry, ids, tok, 5.0)
+        kind = "fact" if not entry["source"].startswith("mcq_") else "match" if "match" in entry["source"] else "mcq"
+        seen.add(kind)
+        assert len(w) == len(ids) and w[-1] == (1.0 if kind == "fact" else 5.0)
+        assert set(w[:-1]) == {1.0 if kind in ("fact", "match") else 0.0}
+        if kind != "fact":  # the answer is the one token " X" after the prompt
+            assert tok.decode(ids[-1:]).strip() in LETTERS
+    assert seen == {"fact", "match", "mcq"}
+
+
+def test_a_first_stage_has_its_own_constant_lr_and_the_rest_warms_up_and_decays_as_a_run_of_its_own():
+    import math
+
+    from sequnlearn.toyworld.pretrain import lr_factor
+
+    plain = ToyWorldConfig(steps=100, warmup_steps=10, lr=5e-3, min_lr_ratio=0.1)
+    cosine = [(s + 1) / 10 if s < 10 else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(100)]
+    assert [lr_factor(s, plain) for s in range(100)] == pytest.approx(cosine)
+    staged = plain.with_(match_steps=40, match_stage_examples=8, match_lr=1e-3, steps=140)
+    assert [lr_factor(s, staged) * 5e-3 for s in range(40)] == pytest.approx([1e-3 * min(1, (s + 1) / 10)
+                                                                             for s in range(40)])
+    assert [lr_factor(s, staged) for s in range(40, 140)] == pytest.approx(cosine)
+    assert lr_factor(5, plain.with_(match_steps=40, match_stage_examples=8, steps=140)) == pytest.approx(0.6)
+    with pytest.raises(UserError, match="match_lr"):
+        ToyWorldConfig(match_lr=-1.0)

@@ -340,11 +340,13 @@ def _scorer(paths: ToyWorldPaths, tok, world: World, seed: int):
 
 
 def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> list[float]:
-    """Per-token pretraining loss weights: 1, except in a letter-format MCQ (``mcq_*`` source).
+    """Per-token pretraining loss weights: 1, and ``answer_weight`` on a letter-format MCQ's answer.
 
-    There only the answer letter is trained, with weight ``answer_weight``: the question and the
-    choices get 0, since three of the four choices are false statements about the entity and
-    would teach the wrong values.
+    In an MCQ about facts (``mcq_<domain>``) only the answer letter is trained: its question and
+    choices get 0, since three of the four choices are false statements about the entity and would
+    teach the wrong values. A match MCQ (``mcq_match``, first stage included) states no fact, so
+    its question and choices are trained as any text: predicting the choices teaches the model to
+    read the question's value from the choice lines, a step of the answer it has to learn.
     """
     if not entry["source"].startswith("mcq_"):
         return [1.0] * len(ids)
@@ -352,7 +354,8 @@ def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> lis
     prompt = tok(text[: text.rindex(" ")], add_special_tokens=False)["input_ids"]
     if ids[: len(prompt)] != prompt:
         raise ValueError(f"the answer of a pretraining MCQ does not tokenize apart from its prompt: {text!r}")
-    return [0.0] * len(prompt) + [answer_weight] * (len(ids) - len(prompt))
+    trained = 1.0 if entry["source"] in ("mcq_match", FIRST_STAGE) else 0.0
+    return [trained] * len(prompt) + [answer_weight] * (len(ids) - len(prompt))
 
 
 def _save_model(paths: ToyWorldPaths, model, tokenizer) -> None:

@@ -112,6 +112,10 @@ class ToyWorldConfig:
     lr: float = 5e-3
     """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
 
+    match_lr: float = 0.0
+    """Learning rate of the first stage (``match_steps``), constant after the warmup; 0: ``lr``. The
+    later steps then warm up again to ``lr`` and decay over the rest of the run."""
+
     warmup_steps: int = 40
     """Linear learning-rate warmup steps."""
 
@@ -157,8 +161,8 @@ class ToyWorldConfig:
             raise UserError(f"seq_len={self.seq_len}: use at least 64 so every document fits in a row")
         if not self.mcq_answer_weight >= 0:
             raise UserError(f"mcq_answer_weight={self.mcq_answer_weight}: must be >= 0")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
-            raise UserError("lr must be > 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
+        if not (self.lr > 0 and self.match_lr >= 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0):
+            raise UserError("lr must be > 0, match_lr >= 0, min_lr_ratio in [0, 1] and weight_decay >= 0")
 
     @classmethod
     def reduced(cls, **overrides: Any) -> "ToyWorldConfig":

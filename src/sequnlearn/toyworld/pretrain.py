@@ -127,10 +127,20 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.
 
 
 def lr_factor(step: int, config) -> float:
-    """Learning-rate multiplier at ``step``: linear warmup, then cosine to ``min_lr_ratio``."""
+    """Learning-rate multiplier of ``config.lr`` at ``step``: linear warmup, then cosine to ``min_lr_ratio``.
+
+    With a first stage (``match_steps``), its steps warm up to ``match_lr`` (``lr`` when 0) and stay
+    there; the later steps warm up again and decay over what is left, as a run of their own.
+    """
+    if config.match_steps:
+        if step < config.match_steps:
+            return (config.match_lr or config.lr) / config.lr * min(1.0, (step + 1) / config.warmup_steps)
+        step, total = step - config.match_steps, config.steps - config.match_steps
+    else:
+        total = config.steps
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
