@@ -80,8 +80,9 @@ class ToyWorldConfig:
     train on alone; they are not in the mix the later steps train on."""
 
     mcq_answer_weight: float = 5.0
-    """Pretraining loss weight of the answer letter of each letter-format MCQ (its question and
-    choices are not trained on: three choices are false statements about the entity)."""
+    """Pretraining loss weight of the answer letter of each letter-format MCQ. In an MCQ about facts
+    the question and choices are not trained on (three choices are false statements about the
+    entity); a match MCQ states no fact and trains them with weight 1."""
 
     vocab_size: int = 1024
     """Size of the byte-level BPE vocabulary trained on the corpora (256 bytes + merges + EOS)."""
