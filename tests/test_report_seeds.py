@@ -175,6 +175,29 @@ def test_tamper_table_and_plot_give_mean_sd_per_model_and_lr(tmp_path):
     assert (tmp_path / "tamper.png").stat().st_size > 10_000
 
 
+def test_tamper_plot_names_what_its_lines_share_once_in_the_title(monkeypatch, tmp_path):
+    import sequnlearn.report as report
+
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append(fig))
+
+    def plotted(runs):
+        plot_tamper(_tamper(runs), tmp_path / "t.png")
+        ax = drawn.pop().axes[0]
+        return ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]
+
+    other = {**_attack(1e-3, 1, [0.3, 0.5, 0.6]), "model": "kl"}
+    title, labels = plotted([_attack(1e-3, 1, [0.3, 0.4, 0.5]), other])  # one attack each, one lr, one seed
+    assert "lr 0.001, seed 1" in title and labels[:2] == ["l2", "kl"]
+    title, labels = plotted([_attack(1e-3, 1, [0.3, 0.4, 0.5]), {**other, "seed": 2}])  # seeds differ
+    assert "seed" not in title and labels[:2] == ["l2 seed=1", "kl seed=2"]
+    three = [_attack(1e-3, s, [0.3, 0.4, 0.5]) for s in (1, 2, 3)]
+    title, labels = plotted(three + [{**r, "model": "kl"} for r in three])
+    assert "mean ± sd over 3 seeds" in title and labels[:2] == ["l2", "kl"]
+    title, labels = plotted(three + [_attack(1e-4, 1, [0.3, 0.3, 0.3])])  # two lrs, 3 seeds and 1
+    assert "(" not in title and labels[:2] == ["l2 lr=0.001 (mean ± sd, 3 seeds)", "l2 lr=0.0001 seed=1"]
+
+
 @pytest.fixture
 def seed_sweep(tmp_path) -> Path:
     path = tmp_path / "seeds.yaml"

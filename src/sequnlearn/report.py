@@ -64,13 +64,14 @@ def plot_tamper(result: dict, path: Path) -> None:
     groups = by_model_lr(result["runs"])
     lrs = {lr for _, lr in groups}
     counts = {len(runs) for runs in groups.values()}
+    seeds = {runs[0]["seed"] for runs in groups.values()} if counts == {1} else set()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (model, lr), runs in groups.items():
         label = model if len(lrs) == 1 else f"{model} lr={lr:g}"
         if len(runs) == 1:
             steps = [p["step"] for p in runs[0]["curve"]]
             ax.plot(steps, [p["forget_acc"] for p in runs[0]["curve"]], marker="o", ms=3,
-                    label=label if counts == {1} else f"{label} seed={runs[0]['seed']}")
+                    label=label if len(seeds) == 1 else f"{label} seed={runs[0]['seed']}")
         else:
             curve = seed_curve(runs)
             steps, mean = [c["step"] for c in curve], [c["mean"] for c in curve]
@@ -87,6 +88,8 @@ def plot_tamper(result: dict, path: Path) -> None:
     shared = [f"lr {next(iter(lrs)):g}"] if len(lrs) == 1 else []
     if len(counts) == 1 and (n := next(iter(counts))) > 1:
         shared.append(f"mean ± sd over {n} seeds")
+    elif len(seeds) == 1:
+        shared.append(f"seed {next(iter(seeds))}")
     ax.set_title("Tampering attack: recovery of forget accuracy" + (f"\n({', '.join(shared)})" if shared else ""),
                  fontsize=11)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
