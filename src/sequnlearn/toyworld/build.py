@@ -40,7 +40,7 @@ from sequnlearn.errors import UserError
 from sequnlearn.runs import atomic_dir, read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
-from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, World, generate_world
+from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, MATCH, World, generate_world
 
 WORLD_FORMAT = 3
 """Version of the on-disk world; bump it when generation changes so old caches are not reused
@@ -354,7 +354,7 @@ def _loss_weights(entry: dict, ids: list[int], tok, answer_weight: float) -> lis
     prompt = tok(text[: text.rindex(" ")], add_special_tokens=False)["input_ids"]
     if ids[: len(prompt)] != prompt:
         raise ValueError(f"the answer of a pretraining MCQ does not tokenize apart from its prompt: {text!r}")
-    trained = 1.0 if entry["source"] in ("mcq_match", FIRST_STAGE) else 0.0
+    trained = 1.0 if entry["source"] in (MATCH, FIRST_STAGE) else 0.0
     return [trained] * len(prompt) + [answer_weight] * (len(ids) - len(prompt))
 
 

@@ -409,6 +409,9 @@ def make_match_mcqs(n: int, seed: int, stream: str = "match-mcq") -> list[str]:
             for r in match_mcq_records(n, seed, stream)]
 
 
+MATCH = "mcq_match"
+"""Source of the match MCQs in the pretraining mix (:attr:`World.pretrain`)."""
+
 FIRST_STAGE = "mcq_match_stage"
 """Source of the pretraining documents of the curriculum's first stage (:attr:`World.pretrain`)."""
 
@@ -459,7 +462,7 @@ def generate_world(config) -> World:
         examples += make_mcq_examples(facts[name], None, config.practice_context_mcq_per_fact, config.seed,
                                       in_context=True)
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
-    mix += [{"text": t, "source": "mcq_match"} for t in make_match_mcqs(config.match_mcq_examples, config.seed)]
+    mix += [{"text": t, "source": MATCH} for t in make_match_mcqs(config.match_mcq_examples, config.seed)]
     random.Random(f"{config.seed}/pretrain-mix").shuffle(mix)
     mix += [{"text": t, "source": FIRST_STAGE}
             for t in make_match_mcqs(config.match_stage_examples, config.seed, "match-stage")]
