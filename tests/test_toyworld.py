@@ -148,6 +148,23 @@ def test_first_stage_documents_come_after_the_mix_and_are_another_draw():
     assert not {d["text"] for d in stage} & {d["text"] for d in plain.pretrain}
 
 
+def test_fact_copies_repeat_the_facts_but_draw_every_mcq_afresh():
+    per_copy = dict(mcq_examples_per_fact=2, practice_entities=4, practice_mcq_per_fact=2, match_mcq_examples=10)
+    one = generate_world(ToyWorldConfig.reduced(**per_copy))
+    three = generate_world(ToyWorldConfig.reduced(fact_copies=3, **per_copy))
+    texts = lambda w, pre: Counter(d["text"] for d in w.pretrain if d["source"].startswith(pre))
+    for name in ALL_DOMAINS:  # every fact sentence and cloze question, three times
+        assert texts(three, name) == Counter({t: 3 * n for t, n in texts(one, name).items()})
+        assert texts(three, f"qa_{name}") == Counter({t: 3 * n for t, n in texts(one, f"qa_{name}").items()})
+    for source in ("mcq_forget", "mcq_retain", "mcq_practice", "mcq_match"):
+        mcqs = texts(three, source)
+        assert sum(mcqs.values()) == 3 * sum(texts(one, source).values())
+        assert len(mcqs) > 2 * sum(texts(one, source).values())  # drawn afresh, not the first draw repeated
+    assert three.mcqs == one.mcqs and three.corpora == one.corpora  # the evaluation and its corpora stay
+    asked = {t.rsplit(" ", 1)[0] for t in texts(three, "mcq_forget")}  # the prompts, without the answer
+    assert asked.isdisjoint({letter_prompt(r["question"], r["choices"]) for r in three.mcqs["forget"]})
+
+
 def test_prompts_match_the_evaluator_template(world):
     mcq = pytest.importorskip("sequnlearn.data.mcq")
     r = world.mcqs["forget"][0]
@@ -172,6 +189,8 @@ def test_config_validation():
         ToyWorldConfig(hidden_size=100, num_heads=3)
     with pytest.raises(UserError, match="paraphrases"):
         ToyWorldConfig(paraphrases=9)
+    with pytest.raises(UserError, match="fact_copies=0: must be a positive integer"):
+        ToyWorldConfig(fact_copies=0)
     with pytest.raises(UserError, match="forget_entities"):
         ToyWorldConfig.reduced(forget_entities=1)
     with pytest.raises(UserError, match="unknown config key 'hiden_size'; did you mean 'hidden_size'"):

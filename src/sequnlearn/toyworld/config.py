@@ -49,6 +49,13 @@ class ToyWorldConfig:
     """Copies per fact of ``"Question: <stem>\\nAnswer: <value>"`` (the evaluator's cloze template) in
     the pretraining mix; 0 leaves them out."""
 
+    fact_copies: int = 1
+    """Copies of every fact text (sentences and answered cloze questions) in the pretraining mix.
+    Each copy brings its own draw of the letter-format MCQs (the ``*_mcq_*`` counts below are per
+    copy): one pass over a mix of N copies shows each fact N times but no MCQ twice. A small model
+    memorises a repeated MCQ's letter (1.000 on the training MCQs, 0.46 on the held-out ones) instead
+    of learning to answer it from the fact; fresh MCQs leave it nothing to memorise."""
+
     mcq_examples_per_fact: int = 0
     """Answered letter-format MCQs per forget/retain fact in the pretraining mix (0 leaves them out).
     They never show an evaluation question: each asks with a paraphrase stem, not the evaluation's,
@@ -143,7 +150,7 @@ class ToyWorldConfig:
             raise UserError(f"practice_entities={self.practice_entities}: give 0 (none) or 4 to {MAX_ENTITIES}")
         if not 1 <= self.paraphrases <= MAX_PARAPHRASES:
             raise UserError(f"paraphrases={self.paraphrases}: give 1 to {MAX_PARAPHRASES}")
-        for name in ("sentences_per_doc", "hidden_size", "num_layers", "num_heads", "batch_size", "steps"):
+        for name in ("fact_copies", "sentences_per_doc", "hidden_size", "num_layers", "num_heads", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be a positive integer")
         for name in ("qa_per_fact", "mcq_examples_per_fact", "practice_mcq_per_fact", "practice_context_mcq_per_fact",

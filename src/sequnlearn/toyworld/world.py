@@ -449,20 +449,21 @@ def generate_world(config) -> World:
         The :class:`World`; the same config always gives an equal world.
     """
     facts, corpora, mcqs, mix = {}, {}, {}, []
+    copies = config.fact_copies
     for name, domain in DOMAINS.items():
         facts[name] = make_facts(domain, getattr(config, f"{name}_entities"), config.seed)
         corpora[name] = make_corpus(facts[name], config.paraphrases, config.sentences_per_doc, config.seed)
         mcqs[name] = make_mcqs(facts[name], config.seed)
-        examples = make_mcq_examples(facts[name], mcqs[name], config.mcq_examples_per_fact, config.seed)
+        examples = make_mcq_examples(facts[name], mcqs[name], copies * config.mcq_examples_per_fact, config.seed)
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
     if config.practice_entities:
         name = PRACTICE.name
         facts[name] = make_facts(PRACTICE, config.practice_entities, config.seed)
-        examples = make_mcq_examples(facts[name], None, config.practice_mcq_per_fact, config.seed)
-        examples += make_mcq_examples(facts[name], None, config.practice_context_mcq_per_fact, config.seed,
+        examples = make_mcq_examples(facts[name], None, copies * config.practice_mcq_per_fact, config.seed)
+        examples += make_mcq_examples(facts[name], None, copies * config.practice_context_mcq_per_fact, config.seed,
                                       in_context=True)
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]
-    mix += [{"text": t, "source": MATCH} for t in make_match_mcqs(config.match_mcq_examples, config.seed)]
+    mix += [{"text": t, "source": MATCH} for t in make_match_mcqs(copies * config.match_mcq_examples, config.seed)]
     random.Random(f"{config.seed}/pretrain-mix").shuffle(mix)
     mix += [{"text": t, "source": FIRST_STAGE}
             for t in make_match_mcqs(config.match_stage_examples, config.seed, "match-stage")]
@@ -472,5 +473,6 @@ def generate_world(config) -> World:
 def _fact_mix(facts: list[Fact], config) -> list[dict]:
     """Pretraining entries stating ``facts``: one per sentence of each paraphrase, and the answered questions."""
     name = facts[0].domain
-    return ([{"text": t, "source": name} for t in make_sentences(facts, config.paraphrases)]
+    once = ([{"text": t, "source": name} for t in make_sentences(facts, config.paraphrases)]
             + [{"text": qa_text(f), "source": f"qa_{name}"} for f in facts for _ in range(config.qa_per_fact)])
+    return once * config.fact_copies
