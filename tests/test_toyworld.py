@@ -12,6 +12,7 @@ import pytest
 
 from sequnlearn.errors import UserError
 from sequnlearn.toyworld import DOMAINS, ToyWorldConfig, build_world, generate_world, load_world_info
+from sequnlearn.toyworld.config import LETTER_OFF
 from sequnlearn.toyworld.world import (ALL_DOMAINS, FIRST_STAGE, LETTERS, attribute, letter_prompt, make_match_mcqs,
                                       qa_text)
 
@@ -174,14 +175,24 @@ def test_prompts_match_the_evaluator_template(world):
     assert qa_text(fact) == mcq.build_prompt(record, "cloze") + mcq.TARGET_DELIMITER + fact.value
 
 
-def test_a_stored_config_reads_fields_added_since_at_their_defaults():
+def test_a_stored_config_reads_fields_added_since_as_the_worlds_built_before_them():
     stored = ToyWorldConfig().to_dict()
-    del stored["match_steps"]  # a world.json written before the field existed
+    del stored["sentences_per_doc"]  # a world.json written before the field existed: its default
     assert ToyWorldConfig().differences(stored) == []
     assert ToyWorldConfig(steps=300).differences(stored) == ["steps"]
-    assert ToyWorldConfig(match_stage_examples=8, match_steps=2).differences(stored) == ["match_stage_examples",
-                                                                                          "match_steps"]
-    assert ToyWorldConfig().differences(None) == sorted([*stored, "match_steps"]) == sorted(ToyWorldConfig().to_dict())
+    assert ToyWorldConfig().differences(None) == sorted([*stored, "sentences_per_doc"]) == sorted(ToyWorldConfig().to_dict())
+    for key in LETTER_OFF:  # a curriculum field: off, whatever today's default
+        del stored[key]
+    assert ToyWorldConfig(**LETTER_OFF).differences(stored) == []
+    assert ToyWorldConfig(**{**LETTER_OFF, "match_stage_examples": 8, "match_steps": 2}).differences(stored) == [
+        "match_stage_examples", "match_steps"]
+    assert ToyWorldConfig(**{**LETTER_OFF, "fact_copies": 2}).differences(stored) == ["fact_copies"]
+
+
+def test_the_reduced_world_has_no_letter_curriculum_whatever_the_defaults():
+    reduced = ToyWorldConfig.reduced()
+    assert {k: getattr(reduced, k) for k in LETTER_OFF} == LETTER_OFF
+    assert ToyWorldConfig.reduced(fact_copies=2).fact_copies == 2  # still overridable
 
 
 def test_config_validation():

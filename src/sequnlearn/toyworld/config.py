@@ -13,6 +13,12 @@ MAX_ENTITIES = 200
 MAX_PARAPHRASES = 4
 """Number of paraphrase templates each attribute has (see :mod:`sequnlearn.toyworld.world`)."""
 
+LETTER_OFF: dict[str, Any] = dict(fact_copies=1, mcq_examples_per_fact=0, practice_entities=0, practice_mcq_per_fact=0,
+                                  practice_context_mcq_per_fact=0, match_mcq_examples=0, match_stage_examples=0,
+                                  match_steps=0, match_lr=0.0)
+"""The letter-format curriculum switched off: the values of its fields in every world built before
+they existed, and in :meth:`ToyWorldConfig.reduced` (the tests' world answers in cloze format)."""
+
 
 @dataclass(frozen=True)
 class ToyWorldConfig:
@@ -187,7 +193,7 @@ class ToyWorldConfig:
         """
         base = dict(forget_entities=12, retain_entities=12, paraphrases=2, vocab_size=512, hidden_size=64, num_layers=4,
                     num_heads=4, seq_len=64, batch_size=16, steps=160, lr=1e-2, warmup_steps=10)
-        return cls.from_dict({**base, **overrides})
+        return cls.from_dict({**base, **LETTER_OFF, **overrides})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ToyWorldConfig":
@@ -208,14 +214,14 @@ class ToyWorldConfig:
     def differences(self, stored: dict[str, Any] | None) -> list[str]:
         """Fields in which a stored config (a ``world.json``'s) differs from this one, sorted.
 
-        A field the stored config lacks counts at its default: fields are only ever added with a
-        default that keeps the world as it was, so a world built before a field existed is the
-        world that field's default builds.
+        A field the stored config lacks counts at the value that built worlds before it existed: a
+        field of the letter-format curriculum at :data:`LETTER_OFF`, any other at its default (fields
+        are added with a default that keeps the world as it was).
         """
         if stored is None:  # no config recorded: nothing is known to match
             return sorted(self.to_dict())
-        defaults = asdict(ToyWorldConfig())
-        return sorted(k for k, v in self.to_dict().items() if stored.get(k, defaults[k]) != v)
+        before = {**asdict(ToyWorldConfig()), **LETTER_OFF}
+        return sorted(k for k, v in self.to_dict().items() if stored.get(k, before[k]) != v)
 
     def with_(self, **changes: Any) -> "ToyWorldConfig":
         """A copy with ``changes`` applied (validated again)."""
