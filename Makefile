@@ -42,6 +42,9 @@ findings: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn tamper $(foreach s,1 2 3,runs/sweeps/toy-l2/remove_coef=50_seed=$(s)) \
 	  $(foreach s,1 2 3,runs/sweeps/toy-kl/remove_coef=5_retain_coef=100_seed=$(s)) --preset toy-tamper \
 	  --controls benign --seeds 1 --out $(FINDINGS)/tamper-unlearning-seeds --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn tamper runs/sweeps/toy-l2/remove_coef=50_seed=1 \
+	  runs/sweeps/toy-kl/remove_coef=5_retain_coef=100_seed=1 --preset toy-tamper --seeds 1,2,3 --style letter \
+	  --out $(FINDINGS)/tamper-letter --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report runs/sweeps/toy-l2 runs/sweeps/toy-kl $(FINDINGS)/tamper \
 	  --out $(FINDINGS)/report
 

@@ -259,6 +259,6 @@ def _note(base: dict, after: dict) -> str:
 
 def reduced_overrides() -> tuple[list[str], list[str]]:
     """Unlearning and tamper overrides that fit :meth:`ToyWorldConfig.reduced` (4 layers, 48 documents)."""
-    unlearn = ["num_train_examples=48", "layers=[3, 2]", "per_device_batch_size=8", "global_batch_size=8"]
+    unlearn = ["num_train_examples=48", "epochs_per_layer=2", "layers=[3, 2]", "per_device_batch_size=8", "global_batch_size=8"]
     tamper = ["steps=10", "eval_every=5"]
     return unlearn, tamper

@@ -24,8 +24,12 @@ they existed, and in :meth:`ToyWorldConfig.reduced` (the tests' world answers in
 class ToyWorldConfig:
     """Everything that determines a toy world; the same config always builds the same world.
 
-    The defaults are the full world (8-layer 128-wide GPT-NeoX, 3 paraphrases, 260 steps: a few
-    minutes on two CPU cores); :meth:`reduced` is a small one for tests (about half a minute).
+    The defaults are the full world: an 8-layer 128-wide GPT-NeoX that answers the world's questions
+    in cloze and in lm-eval's letter format, pretrained by a two-stage curriculum for 4,000 steps
+    (36 minutes on one CPU thread; its model is shipped, so a build copies it). The letter-format
+    fields (:data:`LETTER_OFF` switches them off) are what teaches that format; see "Letter format"
+    in ``docs/toy-world-findings.md``. :meth:`reduced` is a small cloze-only world for tests (about
+    half a minute).
     """
 
     seed: int = 0
@@ -55,39 +59,38 @@ class ToyWorldConfig:
     """Copies per fact of ``"Question: <stem>\\nAnswer: <value>"`` (the evaluator's cloze template) in
     the pretraining mix; 0 leaves them out."""
 
-    fact_copies: int = 1
+    fact_copies: int = 20
     """Copies of every fact text (sentences and answered cloze questions) in the pretraining mix.
     Each copy brings its own draw of the letter-format MCQs (the ``*_mcq_*`` counts below are per
     copy): one pass over a mix of N copies shows each fact N times but no MCQ twice. A small model
-    memorises a repeated MCQ's letter (1.000 on the training MCQs, 0.46 on the held-out ones) instead
-    of learning to answer it from the fact; fresh MCQs leave it nothing to memorise."""
+    memorises a repeated MCQ's letter (with one copy: 1.000 on the training MCQs, 0.46 / 0.53 on the
+    held-out evaluation) instead of learning to answer it from the fact; with 20 copies, the default,
+    the same curriculum reaches 0.84 / 0.86."""
 
-    mcq_examples_per_fact: int = 0
+    mcq_examples_per_fact: int = 4
     """Answered letter-format MCQs per forget/retain fact in the pretraining mix (0 leaves them out).
     They never show an evaluation question: each asks with a paraphrase stem, not the evaluation's,
     and with another distractor set."""
 
-    practice_entities: int = 0
+    practice_entities: int = 40
     """Invented plants in the third, never-evaluated "practice" domain (0: none). Their facts are
     pretrained like the others', and their letter-format MCQs teach the closed-book use of the format
-    on facts the evaluation never asks about. Off by default, as is the whole letter-format
-    curriculum (``match_steps``): the best run so far reached letter accuracy 0.46 / 0.53, short of
-    the 0.60 it is meant for; see "Letter format" in ``docs/toy-world-findings.md``."""
+    on facts the evaluation never asks about."""
 
-    practice_mcq_per_fact: int = 0
+    practice_mcq_per_fact: int = 6
     """Answered letter-format MCQs per practice fact (each with its own stem, distractors, letter)."""
 
-    practice_context_mcq_per_fact: int = 0
+    practice_context_mcq_per_fact: int = 2
     """Answered letter-format MCQs per practice fact that state the fact on a line before the
     question (reading comprehension: the easy form of the skill, a curriculum for the closed-book one)."""
 
-    match_mcq_examples: int = 0
+    match_mcq_examples: int = 1000
     """Answered letter-format MCQs in the pretraining mix whose question names the answer ("Which of
     these is red?"), drawn over all attributes: the format's mechanics (find the named choice, answer
     its letter) without a fact. After a first stage (``match_steps``) they keep the skill it taught;
     mixed in alone (4,000 steps) they never taught it."""
 
-    match_stage_examples: int = 0
+    match_stage_examples: int = 40000
     """Match MCQs (as ``match_mcq_examples``, another draw) that the first ``match_steps`` steps
     train on alone; they are not in the mix the later steps train on."""
 
@@ -115,18 +118,18 @@ class ToyWorldConfig:
     batch_size: int = 32
     """Rows per pretraining step."""
 
-    steps: int = 260
+    steps: int = 4000
     """Optimizer steps of pretraining."""
 
-    match_steps: int = 0
+    match_steps: int = 1500
     """The first this many of ``steps`` train on the ``match_stage_examples`` alone, a curriculum:
     the format's mechanics before the facts and the closed-book questions that need them (at
-    ``match_lr`` 1e-3 the held-out match accuracy leaves chance after about 1,000 steps)."""
+    ``match_lr`` 1e-3 the held-out match accuracy leaves chance after 1,000 to 1,250 steps and is 0.99 at 1,500)."""
 
-    lr: float = 5e-3
+    lr: float = 2e-3
     """Peak AdamW learning rate (linear warmup, then cosine decay to ``min_lr_ratio * lr``)."""
 
-    match_lr: float = 0.0
+    match_lr: float = 1e-3
     """Learning rate of the first stage (``match_steps``), constant after the warmup; 0: ``lr``. The
     later steps then warm up again to ``lr`` and decay over the rest of the run."""
 
