@@ -26,7 +26,7 @@ class ToyWorldConfig:
 
     The defaults are the full world: an 8-layer 128-wide GPT-NeoX that answers the world's questions
     in cloze and in lm-eval's letter format, pretrained by a two-stage curriculum for 4,000 steps
-    (36 minutes on one CPU thread; its model is shipped, so a build copies it). The letter-format
+    (35 minutes on one CPU thread; its model is shipped, so a build copies it). The letter-format
     fields (:data:`LETTER_OFF` switches them off) are what teaches that format; see "Letter format"
     in ``docs/toy-world-findings.md``. :meth:`reduced` is a small cloze-only world for tests (about
     half a minute).
@@ -48,8 +48,8 @@ class ToyWorldConfig:
     Three, not two, because of what unlearning needs: with two (220 steps) the model knew the
     facts (cloze 0.97 forget / 0.94 retain) but `toy-l2` only took forget to 0.79 (retain 0.91), and
     no coefficient, learning rate, epoch count or LoRA rank of the 7..4 schedule reached 0.55
-    without losing retain; the knowledge sat in template-specific form. With three (260 steps)
-    base 1.0 / 0.99, and `toy-l2` gives forget 0.49 / retain 0.98 (seeds 1, 2: 0.55, 0.48)."""
+    without losing retain; the knowledge sat in template-specific form. With three (260 steps, on the
+    cloze-only world of the time) base 1.0 / 0.99, and `toy-l2` gives forget 0.49 / retain 0.98 (seeds 1, 2: 0.55, 0.48)."""
 
     sentences_per_doc: int = 2
     """Sentences per corpus document (documents mix facts of different entities of one domain); the

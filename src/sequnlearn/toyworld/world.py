@@ -471,7 +471,8 @@ def generate_world(config) -> World:
 
 
 def _fact_mix(facts: list[Fact], config) -> list[dict]:
-    """Pretraining entries stating ``facts``: one per sentence of each paraphrase, and the answered questions."""
+    """Pretraining entries stating ``facts`` (one per sentence of each paraphrase, and the answered
+    questions), ``fact_copies`` times over."""
     name = facts[0].domain
     once = ([{"text": t, "source": name} for t in make_sentences(facts, config.paraphrases)]
             + [{"text": qa_text(f), "source": f"qa_{name}"} for f in facts for _ in range(config.qa_per_fact)])
