@@ -25,7 +25,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/sequnlearn demo --out runs/demo
 
 # docs/toy-world-findings.md: the reference's sweeps on the toy world (3 seeds), the attack with its
-# controls (on three attack seeds, and on the three unlearning seeds), and the report (about 45 minutes
+# controls (on three attack seeds, and on the three unlearning seeds; in letter format too), and the report (about an hour
 # on 2 idle cores; sweep points two at a time, one thread each).
 FINDINGS := runs/findings
 SWEEP1   := env OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn sweep
