@@ -65,3 +65,17 @@ def test_demo_attacks_the_controls(demo):
     table = (demo / "tamper" / "tamper.md").read_text()
     assert "base (before unlearning)" in table and "on benign text" in table
     assert "relearning baseline" in (demo / "report.md").read_text()
+
+
+def test_the_full_demo_attacks_with_the_base_and_benign_controls_and_its_report_names_only_those():
+    from sequnlearn.config import TamperConfig, load_config
+    from sequnlearn.demo import controls_note, full_overrides
+
+    unlearn_sets, tamper_sets = full_overrides()
+    assert load_config(TamperConfig, preset="toy-tamper", overrides=tamper_sets).controls == ["base", "benign"]
+    assert load_config(TamperConfig, preset="toy-tamper").controls == ["base", "retain-tuned", "benign"]  # findings
+    assert unlearn_sets == []
+    full, every = controls_note(["base", "benign"]), controls_note(["benign", "retain-tuned", "base"])
+    assert "relearning baseline" in full and "on benign text" in full and "base + benign fine-tune" not in full
+    assert every.index("relearning") < every.index("base + benign fine-tune") < every.index("on benign text")
+    assert controls_note([]) == "The attack fine-tunes on the forget corpus."

@@ -418,12 +418,12 @@ def cmd_demo(args) -> None:
     from pathlib import Path
 
     from sequnlearn.toyworld import ToyWorldConfig
-    from sequnlearn.demo import DemoOptions, reduced_overrides, run_demo
+    from sequnlearn.demo import DemoOptions, full_overrides, reduced_overrides, run_demo
 
     from sequnlearn.config import TamperConfig, load_config
 
     world_cfg = ToyWorldConfig.reduced() if args.reduced else ToyWorldConfig()
-    unlearn_sets, tamper_sets = reduced_overrides() if args.reduced else ([], [])
+    unlearn_sets, tamper_sets = reduced_overrides() if args.reduced else full_overrides()
     load_config(preset=args.preset, overrides=unlearn_sets + list(args.set))  # bad input: before any file
     if not args.no_tamper:
         load_config(TamperConfig, preset="toy-tamper", overrides=tamper_sets)

@@ -228,7 +228,7 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
               for p in summary["phases"]]
     lines += ["", "![accuracy per phase](accuracy_per_phase.png)", "", "![losses](losses.png)", ""]
     if summary["tamper"]:
-        lines += ["## Tampering attack", "", CONTROLS_NOTE, "", (out / "tamper" / "tamper.md").read_text(), "",
+        lines += ["## Tampering attack", "", controls_note(summary["tamper_controls"] or {}), "", (out / "tamper" / "tamper.md").read_text(), "",
                   "![tamper](tamper/tamper.png)", ""]
     if summary.get("audit"):
         from sequnlearn.audit import audit_markdown
@@ -241,11 +241,21 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
     atomic_write_text(out / "report.md", "\n".join(lines))
 
 
-CONTROLS_NOTE = ("The attack fine-tunes on the forget corpus. Its controls, same settings: *base (before "
-                 "unlearning)* is the relearning baseline (a model that knows the answers); *base + benign "
-                 "fine-tune* is that model after as many steps on the retain corpus, then attacked; *on benign "
-                 "text* fine-tunes the unlearned model on the retain corpus instead (does any fine-tune bring the "
-                 "answers back?).")
+CONTROL_NOTES = {
+    "base": "*base (before unlearning)* is the relearning baseline (a model that knows the answers)",
+    "retain-tuned": ("*base + benign fine-tune* is the model before unlearning after as many steps on the retain "
+                     "corpus, then attacked"),
+    "benign": ("*on benign text* fine-tunes the unlearned model on the retain corpus instead (does any fine-tune "
+               "bring the answers back?)"),
+}
+"""What each tamper control is, for the report (in this order)."""
+
+
+def controls_note(controls) -> str:
+    """The report's sentence on the attack and the controls it ran."""
+    run = [CONTROL_NOTES[c] for c in CONTROL_NOTES if c in controls]
+    return "The attack fine-tunes on the forget corpus." + (" Its controls, same settings: " + "; ".join(run) + "."
+                                                            if run else "")
 
 
 def _note(base: dict, after: dict) -> str:
@@ -255,6 +265,13 @@ def _note(base: dict, after: dict) -> str:
     drop = base["retain_acc"] - after["retain_acc"]
     notes.append(f"retain {'-' if drop >= 0 else '+'}{abs(drop):.3f}")
     return "; ".join(notes)
+
+
+def full_overrides() -> tuple[list[str], list[str]]:
+    """Unlearning and tamper overrides of the full demo: the attack without the ``retain-tuned``
+    control, whose 100 extra steps would take ``make demo`` past 6 minutes on 2 cores (``make
+    findings`` runs it)."""
+    return [], ["controls=[base, benign]"]
 
 
 def reduced_overrides() -> tuple[list[str], list[str]]:
