@@ -228,7 +228,8 @@ def write_demo_report(out: Path, summary: dict, metrics: list[dict]) -> None:
               for p in summary["phases"]]
     lines += ["", "![accuracy per phase](accuracy_per_phase.png)", "", "![losses](losses.png)", ""]
     if summary["tamper"]:
-        lines += ["## Tampering attack", "", controls_note(summary["tamper_controls"] or {}), "", (out / "tamper" / "tamper.md").read_text(), "",
+        note = controls_note(summary["tamper_controls"] or {})
+        lines += ["## Tampering attack", "", note, "", (out / "tamper" / "tamper.md").read_text(), "",
                   "![tamper](tamper/tamper.png)", ""]
     if summary.get("audit"):
         from sequnlearn.audit import audit_markdown
