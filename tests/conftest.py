@@ -23,3 +23,27 @@ def padded_batch():
     mask[2, 3:] = 0
     ids[mask == 0] = 256
     return ids, mask
+
+
+def tree_hashes(*roots) -> dict[str, str]:
+    """SHA-256 of every file (and ``dir`` for every directory) under each of ``roots``, keyed by path.
+
+    Compare a snapshot taken before a command with one taken after it to prove that the command
+    changed nothing that existed (``nothing existing is lost``)."""
+    import hashlib
+    from pathlib import Path
+
+    out: dict[str, str] = {}
+    for root in map(Path, roots):
+        if root.is_file():
+            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
+            continue
+        for p in sorted(root.rglob("*")) if root.exists() else []:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+@pytest.fixture
+def snapshot():
+    """:func:`tree_hashes` as a fixture: ``before = snapshot(a, b)``; ... ``assert snapshot(a, b) == before``."""
+    return tree_hashes

@@ -91,6 +91,8 @@ def _damaged_runs(tmp: Path, run: Path) -> dict[str, str]:
     out = {}
     for name in ("ckpt_cut", "ckpt_foreign", "cfg16"):
         out[name] = Path(shutil.copytree(run, tmp / "runs" / name))
+    for name in ("ckpt_cut", "ckpt_foreign"):  # interrupted runs: a finished one has nothing to resume
+        shutil.rmtree(out[name] / "model")
     state = out["ckpt_cut"] / "checkpoints" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     torch.save({"weights": 1}, out["ckpt_foreign"] / "checkpoints" / "state.pt")

@@ -104,7 +104,12 @@ def test_the_tiny_preset_gives_the_pinned_numbers(tmp_path, retain_loss):
     unlearn(cfg, run)
     got = [(x["forget_loss"], x["retain_loss"]) for x in read_jsonl(run.metrics)]
     want, (abs_sum, total) = PINNED[retain_loss]
-    assert [v for pair in got for v in pair] == pytest.approx([v for pair in want for v in pair], rel=1e-6, abs=1e-9)
+    # float32 on any machine: the forget loss (about 1) to 1e-6 relative; the retain loss is a small difference of
+    # large terms (a KL of about 2e-4 from log-probabilities of about 5), so it is pinned to 1e-7 absolute: another
+    # 2-core machine gave values within 1.5e-8 of these (7e-5 relative), a change in seeding or data moves them by
+    # 1e-5 or more.
+    assert [f for f, _ in got] == pytest.approx([f for f, _ in want], rel=1e-6)
+    assert [r for _, r in got] == pytest.approx([r for _, r in want], rel=1e-6, abs=1e-7)
     adapter = load_file(str(run.adapter / "adapter_model.safetensors")).values()
     assert sum(v.double().abs().sum().item() for v in adapter) == pytest.approx(abs_sum, rel=1e-6)
     assert sum(v.double().sum().item() for v in adapter) == pytest.approx(total, rel=1e-4)

@@ -8,6 +8,7 @@ anywhere becomes one line on stderr and exit code 2, with no traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``sequnlearn`` console script."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the command that resumes an interrupted one
     try:
         args.func(args)
     except UserError as e:
@@ -84,7 +86,8 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--report-to", choices=["tensorboard", "wandb"], help="also log through accelerate's trackers")
-    p.add_argument("--on-nan", choices=["stop", "skip"], help="on a non-finite loss: stop (default) or skip the batch")
+    p.add_argument("--on-nan", choices=["stop", "skip"], help="on a non-finite loss or gradient: stop (default) or skip that batch "
+                   "or step (counted and reported; a model with non-finite weights is never written)")
     p.set_defaults(func=cmd_unlearn)
 
 
@@ -92,7 +95,7 @@ def cmd_unlearn(args) -> None:
     from pathlib import Path
 
     from sequnlearn.config import UnlearnConfig, load_config
-    from sequnlearn.runs import RunDir
+    from sequnlearn.runs import RunDir, read_json
 
     overrides = list(args.set)
     if args.report_to:
@@ -100,19 +103,39 @@ def cmd_unlearn(args) -> None:
     if args.on_nan:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
+    out = Path(args.out)
+    if args.resume and RunDir(out).is_finished():
+        from sequnlearn.unlearn.engine import check_resume
+
+        check_resume(cfg, RunDir(out))  # another config is an error, not "nothing to do"
+        print(f"{out} is a finished run (its model/ is written); nothing to resume, nothing changed")
+        return
     proc = _processes()
-    _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite)
-    run = RunDir(Path(args.out), overwrite=args.overwrite and not args.resume)  # created at its first file
+    inputs = (cfg.model, cfg.forget_data, cfg.retain_data)
+    _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite, inputs=inputs)
+    from sequnlearn.runs import is_replacement, replacing
     from sequnlearn.unlearn.engine import unlearn
 
+    replace = args.overwrite and not args.resume and is_replacement(out)
     try:
-        unlearn(cfg, run, resume=args.resume, proc=proc)
+        if replace:  # built beside the old run, which stays as it is until the new one is done
+            with replacing(out, main=proc.is_main) as stage:
+                unlearn(cfg, RunDir(stage, final=out), proc=proc)
+        else:
+            unlearn(cfg, RunDir(out), resume=args.resume, proc=proc)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume",
-              file=sys.stderr)
+        what = (f"the previous run in {out} is as it was" if replace else
+                f"continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume")
+        print(f"\ninterrupted; {what}", file=sys.stderr)
         sys.exit(130)
+    except UserError as e:
+        if replace:
+            raise UserError(f"{e} (the previous run in {out} is as it was)") from None
+        raise
     if proc.is_main:
-        print(f"unlearned model: {run.model}")
+        skipped = read_json(RunDir(out).provenance).get("nan_skipped") or 0
+        print(f"unlearned model: {RunDir(out).model}"
+              + (f" ({skipped} micro-batches skipped as non-finite, on_nan: skip: see the warning above)" if skipped else ""))
 
 
 def _source_args(args) -> str:
@@ -135,9 +158,15 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=int, help="first N questions of each subtask (as lm-eval --limit)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
     p.add_argument("--num-fewshot", type=int, default=0, help="k-shot examples (MMLU: dev split, first k)")
-    p.add_argument("--data", metavar="FILE", help="a local MCQ file (.jsonl/.json/.parquet: question, choices, answer)")
+    p.add_argument("--data", metavar="FILE", help="a local MCQ file of forget questions (.jsonl/.json/.parquet: "
+                   "question, choices, answer)")
+    p.add_argument("--retain-data", metavar="FILE", help="a local MCQ file of retain questions (the report's retain "
+                   "accuracy)")
     p.add_argument("--data-dir", metavar="DIR", help="offline copies of the hub tasks (default $SEQUNLEARN_DATA_DIR)")
-    p.add_argument("--out", metavar="FILE", help="results JSON (default RUN_DIR/eval.json, else ./eval.json)")
+    p.add_argument("--out", metavar="FILE", help="results JSON (default RUN_DIR/eval.json; required for a model that "
+                   "is not a run); results of other tasks already in it are kept")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of tasks --out already has (the "
+                   "others are kept), or an --out that holds no results of this model")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -145,22 +174,31 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> None:
-    """Evaluate a model or run directory on MCQ tasks; print the table and write eval.json."""
-    from pathlib import Path
+    """Evaluate a model or run directory on MCQ tasks; print the table and merge the results into eval.json.
 
-    from sequnlearn.eval import check_options, evaluate, format_table, load_tasks, parse_tasks
-    from sequnlearn.model.load import load_model
-    from sequnlearn.runs import RunDir, write_json
+    Everything is checked before the model is loaded: where to write, and that no task already in it is
+    replaced without ``--overwrite``. Ctrl-C writes nothing.
+    """
+    from sequnlearn.eval import check_options, format_table, load_tasks, parse_tasks
+    from sequnlearn.results import check_new_tasks
 
     check_options(args.backend, args.style, args.limit, args.batch_size, args.num_fewshot)
-    tasks = load_tasks(parse_tasks(args.tasks, args.data), data_dir=args.data_dir, num_fewshot=args.num_fewshot)
-    run = RunDir(Path(args.model))
-    out = Path(args.out) if args.out else (run.eval if run.is_finished() else Path("eval.json"))
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    results = evaluate(model, tokenizer, tasks, backend=args.backend, style=args.style, limit=args.limit,
-                       batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    if args.data and args.data == args.retain_data:
+        raise UserError(f"{args.data} is given as both --data (forget) and --retain-data (retain); give it once")
+    names = parse_tasks([t for t in (args.tasks or "").split(",")] + [f for f in (args.data, args.retain_data) if f])
+    try:
+        tasks = load_tasks(names, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
+        out, home = _eval_out(args)
+        check_new_tasks(_existing_results(out, args.model, home, args.overwrite), [t.name for t in tasks], out,
+                        args.overwrite)
+        results = _evaluate(args, tasks)
+    except KeyboardInterrupt:
+        print("\ninterrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     print(format_table(results))
-    write_json(out, {"model": args.model, **results})
+    roles = {t.name: "retain" if n == args.retain_data else "forget" if n == args.data else None
+             for n, t in zip(names, tasks)}
+    _write_eval(out, args, home, tasks, roles, results)
     print(f"wrote {out}")
     _update_card(args.model, out)
 
@@ -173,6 +211,110 @@ def _update_card(model: str, eval_out: Path) -> None:
     run = run_of_model(model)
     if run is not None and eval_out.resolve() == run.eval.resolve():
         write_model_card(run)
+
+
+def _evaluate(args, tasks: list) -> dict:
+    """Load ``args.model`` and evaluate it on ``tasks`` with the command's options."""
+    from sequnlearn.eval import evaluate
+    from sequnlearn.model.load import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    return evaluate(model, tokenizer, tasks, backend=args.backend, style=args.style, limit=args.limit,
+                    batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+
+
+def _eval_out(args) -> tuple[Path, Path | None]:
+    """Where ``eval`` writes (``--out``, else ``eval.json`` beside the model's ``model/``) and the directory
+    whose results the model's are (a run directory, or one holding ``model/``; else ``None``); creates nothing.
+
+    Raises:
+        UserError: no ``--out`` for a model that is not in a run directory, or an ``--out`` that is a
+            directory, lies below a regular file, cannot be written, or is being written by another command.
+    """
+    from sequnlearn.runs import RunDir, check_unlocked, check_writable, run_of_model
+
+    run, p = run_of_model(args.model), Path(args.model)
+    home = run.root if run is not None else p if RunDir(p).is_finished() else None
+    if args.out is None and home is None:
+        unfinished = RunDir(p).is_run()
+        raise UserError(f"{args.model} is " + ("a run that has not finished (no model/config.json); finish it with "
+                                               "`sequnlearn unlearn ... --resume`, or" if unfinished else
+                                               "not a run directory;") + " say where to write with --out FILE")
+    out = Path(args.out) if args.out else home / "eval.json"
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file path, e.g. --out {out / 'eval.json'}")
+    check_writable(out)
+    if out.exists():
+        check_writable(out.parent)  # the file is replaced by a rename: its directory must be writable
+    check_unlocked(out.parent)
+    return out, home
+
+
+def _existing_results(out: Path, model: str, home: Path | None, overwrite: bool) -> dict:
+    """The results in ``out`` that ``eval`` merges into: ``{}`` when there are none, or when ``overwrite``
+    replaces a file that is damaged, not an ``eval.json`` or of another model.
+
+    Args:
+        home: the directory the evaluated model belongs to (:func:`_eval_out`); its ``eval.json`` is its own.
+
+    Raises:
+        UserError: ``out`` is another run's ``eval.json``; or, without ``overwrite``, ``out`` is damaged,
+            not an ``eval.json`` or holds the results of another model.
+    """
+    from sequnlearn import io
+    from sequnlearn.results import is_results_file
+    from sequnlearn.runs import RunDir
+
+    own = home is not None and out.resolve() == (home / "eval.json").resolve()
+    if out.name == "eval.json" and RunDir(out.parent).is_run() and not own:
+        raise UserError(f"--out {out} is the results file of the run {out.parent}, not of {model}; choose another --out")
+    if not out.exists():
+        return {}
+    try:
+        ev = io.read_json(out, "results file")
+    except UserError as e:
+        if overwrite:
+            return {}
+        raise UserError(f"{e} (or pass --overwrite to replace it)") from None
+    if not is_results_file(ev):
+        if overwrite:
+            return {}
+        raise UserError(f"--out {out} exists and holds no evaluation results; pass --overwrite to replace it, or "
+                        "choose another --out")
+    if not own and "model" in ev and _model_key(str(ev["model"])) != _model_key(model):
+        if overwrite:
+            return {}
+        raise UserError(f"{out} holds results of {ev['model']}, not {model}: pass --overwrite to replace the file, "
+                        "or choose another --out")
+    return ev
+
+
+def _model_key(model: str) -> str:
+    """What tells two model arguments apart: a local model's resolved directory (a run's model/), else the id."""
+    from sequnlearn.runs import run_of_model
+
+    p = Path(model)
+    if not p.exists():
+        return model
+    run = run_of_model(p)
+    return str((run.model if run is not None else p).resolve())
+
+
+def _write_eval(out: Path, args, home: Path | None, tasks: list, roles: dict, results: dict) -> None:
+    """Merge ``results`` into ``out`` by task (see :mod:`sequnlearn.results`), under a lock on its
+    directory and after reading it again: an ``eval`` that wrote it meanwhile keeps its tasks."""
+    from sequnlearn.eval import chance_level
+    from sequnlearn.results import TASK_SETTINGS, check_new_tasks, locked, merge, task_entry, task_role
+    from sequnlearn.runs import write_json
+
+    settings = {k: results[k] for k in TASK_SETTINGS}
+    entries = {t.name: task_entry(results["tasks"][t.name], settings,
+                                  roles.get(t.name) or task_role(t.name, {}), chance_level(t)) for t in tasks}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out.parent):
+        current = _existing_results(out, args.model, home, args.overwrite)
+        check_new_tasks(current, list(entries), out, args.overwrite)
+        write_json(out, merge(current, entries, results, args.model))
 
 
 # ---------------------------------------------------------------- tamper
@@ -202,13 +344,16 @@ def _add_tamper(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any tamper config key")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory for tamper.json, tamper.png, tamper.md")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the tamper result in --out (kept until the "
+                   "new one is done)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted attack in --out: its finished "
+                   "attacks are kept, the rest run")
     p.set_defaults(func=cmd_tamper)
 
 
 def cmd_tamper(args) -> None:
     from sequnlearn.config import TamperConfig, load_config
-    from sequnlearn.model.load import inspect_model, load_model, model_source
+    from sequnlearn.model.load import inspect_model, load_model, model_source, resolve_device
     from sequnlearn.tamper import tamper
 
     run_cfg = _first_run_config(args.models)
@@ -226,19 +371,69 @@ def cmd_tamper(args) -> None:
     needs_base = base_src is not None and {"base", "retain-tuned"} & set(cfg.controls)
     for src in [*sources.values(), *([base_src] if needs_base else [])]:
         inspect_model(src, max_length=cfg.max_length)
-    proc = _processes()  # under `accelerate launch`: one slice of each batch per process
+    resolve_device(args.device)
     out = Path(args.out)
-    _check_out_on_main(proc, args.out, overwrite=args.overwrite)  # files replace their old copies
+    inputs = [*sources.values(), base_src, cfg.data, cfg.forget_task, cfg.retain_task, cfg.benign_data]
+    previous = _tamper_previous(out, args, cfg) if args.resume else None
+    if previous == "finished":
+        return
+    proc = _processes()  # under `accelerate launch`: one slice of each batch per process
+    _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite, kind="tamper", inputs=inputs)
     device = str(proc.device) if args.device == "auto" and proc.world > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
     base = (lambda: load_model(base_src, dtype=cfg.weights_dtype(), device=device)) if needs_base else None
-    result = tamper(loaders, cfg, out, baseline=args.baseline, base=base, proc=proc)
+    result = _run_tamper(args, out, proc, lambda where: tamper(loaders, cfg, where, baseline=args.baseline, base=base,
+                                                               proc=proc, previous=previous))
     if not proc.is_main:
         return
     _record_tamper(args.models, result, out)
     print((out / "tamper.md").read_text(), end="")
     print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
+
+
+def _tamper_previous(out: Path, args, cfg) -> dict | str:
+    """The interrupted ``tamper.json`` that ``--resume`` continues, or ``"finished"`` (said on stdout)
+    when every planned attack is already in it.
+
+    Raises:
+        UserError: no tamper result in ``out``, or one made with another config.
+    """
+    from sequnlearn import io
+    from sequnlearn.runs import check_out_dir
+    from sequnlearn.tamper import check_resumable, planned_attacks
+
+    check_out_dir(out, resume=True, kind="tamper")
+    previous = io.read_json(out / "tamper.json", "tamper result", kind=dict)
+    check_resumable(previous, cfg, out)
+    if ("interrupted" not in previous and (out / "tamper.md").is_file()
+            and len(previous.get("runs", [])) >= planned_attacks(len(args.models), cfg)):
+        print(f"{out} holds a finished tamper result; nothing to resume, nothing changed")
+        return "finished"
+    return previous
+
+
+def _run_tamper(args, out: Path, proc, run) -> dict:
+    """``run(directory)`` into ``out``, or, replacing an earlier result (``--overwrite``), into a staging
+    directory swapped in at the end; Ctrl-C is one line with the command that resumes."""
+    from sequnlearn.runs import is_replacement, replacing
+    from sequnlearn.tamper import TamperInterrupted
+
+    replace = args.overwrite and not args.resume and is_replacement(out)
+    try:
+        if replace:
+            with replacing(out, main=proc.is_main) as stage:
+                return run(stage)
+        return run(out)
+    except KeyboardInterrupt as e:
+        if replace:
+            print(f"\ninterrupted; the previous result in {out} is as it was", file=sys.stderr)
+        else:
+            done = f" after {e.done} of {e.total} attacks" if isinstance(e, TamperInterrupted) else ""
+            argv = shlex.join(a for a in args.argv if a not in ("--overwrite", "--resume"))
+            print(f"\ninterrupted{done} (kept in {out}/tamper.json); continue with: sequnlearn {argv} --resume",
+                  file=sys.stderr)
+        sys.exit(130)
 
 
 def _first_run_config(models: list[str]) -> dict:
@@ -504,7 +699,8 @@ def cmd_report(args) -> None:
     dirs = [Path(d) for d in args.dirs]
     result = write_report(dirs, Path(args.out) if args.out else dirs[0])
     print(result["table"], end="")
-    print(f"{result['runs']} runs; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
+    found = f"{result['runs']} runs" + (f", {result['tampers']} tamper results" if result["tampers"] else "")
+    print(f"{found}; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")
 
 
 # ---------------------------------------------------------------- tasks-path
@@ -533,11 +729,12 @@ def _processes():
     return Process.start()
 
 
-def _check_out_on_main(proc, out: str, *, resume: bool = False, overwrite: bool = False) -> None:
+def _check_out_on_main(proc, out: str, *, resume: bool = False, overwrite: bool = False, kind: str = "unlearn",
+                       inputs=()) -> None:
     """Only the main process checks ``--out`` (creating nothing: it appears with its first file); the
-    others wait for it."""
+    others wait for it. See :func:`sequnlearn.runs.check_out_dir`."""
     from sequnlearn.runs import check_out_dir
 
     if proc.is_main:
-        check_out_dir(out, resume=resume, overwrite=overwrite)
+        check_out_dir(out, resume=resume, overwrite=overwrite, kind=kind, inputs=inputs)
     proc.barrier()

@@ -8,9 +8,10 @@ say what to change.
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ class UnlearnConfig:
     """Last (shallowest) target layer, inclusive."""
     layer_step: int = 4
     """Stride between target layers."""
+    layer_order: str = "deepest_first"
+    """The order ``layers`` must have: ``deepest_first`` (strictly descending: the back-to-front order
+    the method is defined for) or ``any`` (any order, for experiments). A repeated layer is always refused."""
 
     forget_loss: str = "random_ce"
     """random_ce (cross-entropy to uniformly random targets / log V) or max_entropy (KL to uniform)."""
@@ -144,7 +148,10 @@ class UnlearnConfig:
     checkpoint_every: int = 10
     """Save a resumable checkpoint every k optimizer steps (and at each phase end); 0 = phase ends only."""
     on_nan: str = "stop"
-    """A non-finite loss: stop (raise with the step, layer and losses) or skip (drop that batch, count it)."""
+    """A non-finite loss or gradient norm: stop (raise with the step, layer and values) or skip (drop that
+    micro-batch, or the whole optimizer step for a non-finite gradient, and count the micro-batches in
+    ``nan_skipped``: metrics, provenance, model card, the end of the output). Either way a run whose
+    merged weights are not all finite, or a phase none of whose steps was applied, fails."""
     report_to: str | None = None
     """Also log to tensorboard or wandb through accelerate's trackers."""
 
@@ -177,8 +184,9 @@ class UnlearnConfig:
             raise UserError(f"lr must be > 0 (got {self.lr})")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"lora_dropout must be in [0, 1) (got {self.lora_dropout})")
-        if self.layers is not None and not self.layers:
-            raise UserError("layers is an empty list; give target layers back to front or drop the key")
+        _choice("layer_order", self.layer_order, ("deepest_first", "any"))
+        if self.layers is not None:
+            check_layer_list(self.layers, self.layer_order)
         if self.global_batch_size % self.per_device_batch_size:
             raise UserError(f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
                             f"{self.per_device_batch_size}; change one of them")
@@ -351,6 +359,34 @@ def layer_order(start: int, end: int, step: int) -> list[int]:
     return list(range(start, end - 1, -step))
 
 
+def check_layer_list(layers: list[int], order: str = "deepest_first") -> None:
+    """Check an explicit ``layers`` list: not empty, no layer twice, and (``order`` deepest_first) strictly
+    descending.
+
+    Raises:
+        UserError: the list is empty, repeats a layer, or is not deepest first.
+    """
+    if not layers:
+        raise UserError("layers is an empty list; give target layers back to front or drop the key")
+    repeated = sorted({x for x in layers if layers.count(x) > 1})
+    if repeated:
+        raise UserError(f"layers {layers} repeat layer {', '.join(map(str, repeated))}; give each target layer once")
+    if order == "deepest_first" and layers != sorted(layers, reverse=True):
+        raise UserError(f"layers {layers} are not deepest first (unlearning runs back to front); give "
+                        f"{sorted(layers, reverse=True)}, or set layer_order: any to run them in this order")
+
+
+def defaults(cls) -> dict[str, Any]:
+    """The default value of every field of config class ``cls``."""
+    return {f.name: f.default_factory() if f.default_factory is not MISSING else f.default for f in fields(cls)}
+
+
+def with_defaults(stored: dict, cls=None) -> dict[str, Any]:
+    """A stored config (``config.yaml``) with the keys it lacks, added to ``cls`` (default
+    :class:`UnlearnConfig`) after it was written, at their defaults: what that run ran with."""
+    return {**defaults(cls or UnlearnConfig), **stored}
+
+
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         shown = ", ".join("null" if a is None else str(a) for a in allowed)
@@ -398,14 +434,19 @@ def _coerce(name: str, value, tp):
             return value
         raise UserError(f"{name} must be an integer (got {value!r})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{name} must be a number (got {value!r})")
+        if number is None:
+            raise UserError(f"{name} must be a number (got {value!r})")
+        if not math.isfinite(number):  # nan, inf, .nan, .inf: a typo, never a setting
+            raise UserError(f"{name} must be a finite number, not {value!r}; fix its value")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

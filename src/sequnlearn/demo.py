@@ -96,7 +96,7 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tup
     world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}",
              f"benign_data={paths.retain_corpus}"]
     cfg = load_config(TamperConfig, preset=opts.tamper_preset, overrides=world + list(opts.tamper_overrides))
-    out = prepare_out_dir(opts.out / "tamper", overwrite=True)
+    out = prepare_out_dir(opts.out / "tamper", overwrite=True, kind="tamper")
     unlearned = opts.out / "unlearn" / "model"
     attacked: list[tuple] = []
 

@@ -7,8 +7,10 @@ so the CLI answers every bad file with one line and exit code 2, before it write
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,41 @@ from sequnlearn.errors import UserError
 PathLike = str | os.PathLike
 
 
-def read_bytes(path: PathLike, what: str = "file", *, size: int = -1) -> bytes:
-    """The bytes of ``path`` (the first ``size`` of them when ``size`` >= 0).
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_file(path: PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file (symlinks followed); looked at with ``stat``, never opened, so a
+    FIFO (whose opening blocks until a writer comes) or a device (``/dev/zero`` never ends) is refused
+    before anything reads it.
 
     Raises:
-        UserError: it does not exist, is a directory, or cannot be read.
+        UserError: it does not exist, is a directory, a FIFO, a device or a socket, or cannot be looked at.
     """
     p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise UserError(f"{what} {p} does not exist; check the path") from None
+    except OSError as e:
+        raise UserError(f"{what} {p} cannot be read ({e.strerror or e}); check the path") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"{what} {p} is a directory; give the path of a file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+        raise UserError(f"{what} {p} is {kind}, not a regular file; save the data to a file and give its path")
+    return p
+
+
+def read_bytes(path: PathLike, what: str = "file", *, size: int = -1) -> bytes:
+    """The bytes of ``path`` (the first ``size`` of them when ``size`` >= 0), once :func:`check_file`
+    has found it a regular file.
+
+    Raises:
+        UserError: it does not exist, is a directory, a FIFO, a device or a socket, or cannot be read.
+    """
+    p = check_file(path, what)
     try:
         with open(p, "rb") as f:
             return f.read(size)
@@ -96,6 +126,15 @@ def read_jsonl(path: PathLike, what: str = "file", kind: type | None = dict) -> 
         UserError: unreadable, not UTF-8, a line that is not JSON (a truncated one included) or of
             the wrong type; the message names the line.
     """
+    return [row for _, row in read_jsonl_numbered(path, what, kind)]
+
+
+def read_jsonl_numbered(path: PathLike, what: str = "file", kind: type | None = dict) -> list[tuple[int, Any]]:
+    """:func:`read_jsonl` with each value's line number (1-based; blank lines are skipped but counted).
+
+    Raises:
+        UserError: as :func:`read_jsonl`.
+    """
     rows = []
     for i, line in enumerate(read_text(path, what).split("\n"), 1):
         if not line.strip():
@@ -107,21 +146,60 @@ def read_jsonl(path: PathLike, what: str = "file", kind: type | None = dict) -> 
                             "fix that line: one JSON object per line") from None
         if kind is not None:
             expect(row, kind, f"{what} {path} line {i}", "write one JSON object per line")
-        rows.append(row)
+        rows.append((i, row))
     return rows
+
+
+class _DuplicateKey(Exception):
+    """A mapping of a YAML file gives ``key`` twice, at 1-based ``lines``."""
+
+    def __init__(self, key: Any, lines: tuple[int, int]):
+        super().__init__(key, lines)
+        self.key, self.lines = key, lines
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that raises :class:`_DuplicateKey` where a mapping repeats a key (merge
+    keys ``<<`` may still be overridden, as YAML defines)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in seen:
+                            raise _DuplicateKey(key, (seen[key], line))
+                        seen[key] = line
+                    except TypeError:  # an unhashable key: the safe loader refuses it itself
+                        pass
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def read_yaml(path: PathLike, what: str = "config file") -> dict:
     """Read a YAML mapping (an empty file is ``{}``).
 
     Raises:
-        UserError: unreadable, not UTF-8, a syntax error (line and column named), or not a mapping.
+        UserError: unreadable, not UTF-8, a syntax error (line and column named), a key given twice in
+            one mapping (key and lines named), or not a mapping.
     """
     import yaml
 
     text = read_text(path, what)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        first, again = e.lines
+        raise UserError(f"{what} {path} gives the key {e.key!r} twice (lines {first} and {again}); "
+                        "keep one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -174,9 +252,9 @@ def check_safetensors(path: PathLike) -> None:
     """Check that a ``.safetensors`` file is whole: its header parses and its data is all there.
 
     Raises:
-        UserError: missing, truncated, or a damaged header.
+        UserError: missing, not a regular file, truncated, or a damaged header.
     """
-    p = Path(path)
+    p = check_file(path, "weight file")
     fix = "download or save the model again"
     try:
         size = p.stat().st_size

@@ -9,6 +9,7 @@ proven to survive fine-tuning. It is rebuilt from the run's files whenever one o
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import yaml
 
 from sequnlearn.runs import RunDir, atomic_write_text, read_json
 
+CHANCE_MARGIN = 0.02
+"""An accuracy this close to chance (or within two standard errors) is shown as at chance."""
 TAGS = ["sequnlearn", "unlearning", "machine-unlearning", "lora"]
 WARNING = ("**Unlearning is not proven safe.** Accuracy at chance on a benchmark does not show that the "
            "knowledge is gone: a short fine-tuning on related text can bring it back (see the tampering "
@@ -57,7 +60,7 @@ def _corpus_line(kind: str, cfg: dict, prov: dict) -> str:
     return line
 
 
-def _method(cfg: dict) -> list[str]:
+def _method(cfg: dict, prov: dict | None = None) -> list[str]:
     layers = cfg.get("layers") or list(range(cfg.get("layer_start", 0), cfg.get("layer_end", 0) - 1,
                                              -abs(cfg.get("layer_step", 1) or 1)))
     return [
@@ -67,26 +70,74 @@ def _method(cfg: dict) -> list[str]:
         f"(`{cfg.get('forget_loss')}`, coefficient {cfg.get('remove_coef')}), while a `{cfg.get('retain_loss')}` "
         f"retain loss (coefficient {cfg.get('retain_coef')}) keeps it close to the original on the retain text. "
         f"One LoRA adapter (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, targets "
-        f"`{cfg.get('target_modules')}`), AdamW lr {cfg.get('lr')}, {cfg.get('num_train_examples')} examples per "
+        f"`{cfg.get('target_modules')}`), AdamW lr {cfg.get('lr')}, {_examples(cfg, prov)} examples per "
         f"layer, global batch {cfg.get('global_batch_size')}, max length {cfg.get('max_length')}; the adapter is "
         "merged into these weights.",
     ]
+
+
+def _examples(cfg: dict, prov: dict | None) -> str:
+    """The forget examples a phase trained on (provenance.json; what was asked for when fewer were there)."""
+    used = (((prov or {}).get("data") or {}).get("forget") or {}).get("documents", cfg.get("num_train_examples"))
+    asked = cfg.get("num_train_examples")
+    if used == asked or asked is None:
+        return str(used)
+    return f"{used} (of num_train_examples {asked}: the corpus had no more)"
 
 
 def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
 
 
+def _chance(name: str, entry: dict, ev: dict) -> float | None:
+    """A task's chance level: its entry's (``sequnlearn eval``), else the headline's for that task (sweep, demo)."""
+    if entry.get("chance") is not None:
+        return entry["chance"]
+    role = next((r for r in ("forget", "retain") if ev.get(f"{r}_task") == name or r == name), None)
+    return ev.get(f"{role}_chance") if role else None
+
+
+def versus_chance(acc: Any, chance: float | None, stderr: float | None) -> str:
+    """How an accuracy compares with chance: ``at chance`` within two standard errors (at least
+    :data:`CHANCE_MARGIN`), else ``above chance`` / ``below chance``; ``not finite`` for a broken score."""
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
+        return "not finite: a broken model" if acc is not None else "-"
+    if chance is None:
+        return "-"
+    if abs(acc - chance) <= max(2 * (stderr or 0.0), CHANCE_MARGIN):
+        return "at chance"
+    return "above chance" if acc > chance else "below chance"
+
+
 def _eval_table(ev: dict) -> list[str]:
-    rows = [(name, t.get("n"), t.get("acc"), t.get("acc_stderr")) for name, t in (ev.get("tasks") or {}).items()
-            if isinstance(t, dict)]
-    if not rows:
-        rows = [(k[:-4], None, v, None) for k, v in ev.items() if k.endswith("_acc")]
-    style = ev.get("style") or ev.get("metric") or "letter"
-    lines = [f"Multiple-choice accuracy ({style} scoring, `eval.json`):", "",
-             "| task | n | acc | ± stderr |", "|---|---|---|---|"]
-    lines += [f"| {name} | {_fmt(n)} | {_fmt(acc)} | {_fmt(se)} |" for name, n, acc, se in rows]
+    """The evaluation section: one row per task of ``eval.json`` with its scoring, chance level and
+    how its accuracy compares with chance."""
+    from sequnlearn.results import describe, with_settings
+
+    tasks = {n: t for n, t in (with_settings(ev).get("tasks") or {}).items() if isinstance(t, dict)}
+    rows = [(name, describe(t), t.get("n"), t.get("acc"), t.get("acc_stderr"), _chance(name, t, ev))
+            for name, t in tasks.items()]
+    if not rows:  # a file with headline accuracies only
+        style = ev.get("style") or ev.get("metric") or "letter"
+        rows = [(k[:-4], style, None, v, None, _chance(k[:-4], {}, ev)) for k, v in ev.items() if k.endswith("_acc")]
+    lines = ["Multiple-choice accuracy (`eval.json`); chance is the accuracy of guessing at random, and an "
+             "accuracy within two standard errors of it counts as at chance:", "",
+             "| task | n | acc | ± stderr | chance | vs chance | scoring |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {_fmt(n)} | {_fmt(acc)} | {_fmt(se)} | {_fmt(chance)} | {versus_chance(acc, chance, se)} "
+              f"| {how} |" for name, how, n, acc, se, chance in rows]
     return lines
+
+
+def _skipped_warning(prov: dict) -> list[str]:
+    """A warning paragraph when the run skipped micro-batches as non-finite (``on_nan: skip``)."""
+    n = prov.get("nan_skipped") or 0
+    if not n:
+        return []
+    batches = f"{n} training micro-batch gave a non-finite loss or gradient and was" if n == 1 else \
+        f"{n} training micro-batches gave a non-finite loss or gradient and were"
+    return [f"> **Warning: {batches} skipped** (`on_nan: skip`). The run partly diverged: scores near chance "
+            "may show a damaged model rather than unlearning. Check `metrics.jsonl`, and consider a lower lr or "
+            "lower coefficients.", ""]
 
 
 def _tamper(t: dict) -> list[str]:
@@ -108,11 +159,12 @@ def model_card(run: RunDir) -> str:
     prov = _optional(run.provenance) or {}
     ev, tamper = _optional(run.eval), _optional(tamper_summary_path(run))
     src = prov.get("sequnlearn") or {}
-    body = [f"# {run.root.name}", "",
+    body = [f"# {run.name}", "",
             f"`{cfg.get('model')}` with knowledge of its forget corpus removed by sequnlearn "
             f"{src.get('version', '')} (sequential back-to-front unlearning).", "", "> " + WARNING, "",
+            *_skipped_warning(prov),
             "## What was unlearned", "", _corpus_line("forget", cfg, prov), _corpus_line("retain", cfg, prov), "",
-            "## Method", "", *_method(cfg), "", "## Evaluation", "",
+            "## Method", "", *_method(cfg, prov), "", "## Evaluation", "",
             *(_eval_table(ev) if ev else ["Not evaluated yet: run `sequnlearn eval` on the run directory."]), "",
             "## Tampering attack", "",
             *(_tamper(tamper) if tamper else ["Not attacked yet: run `sequnlearn tamper` on the run directory."]), "",

@@ -145,7 +145,9 @@ def tamper_table(result: dict) -> str:
         lines += ["", "Across seeds: mean ± sd (sample sd) over the attacks evaluated at each step.", "",
                   *_md_head(f"Model | lr | n | seeds | {steps} | Max mean (step)"),
                   *(_seed_row(model, lr, runs, cols) for (model, lr), runs in groups.items())]
-    w = result["worst_case"]
+    w = result.get("worst_case")
+    if w is None:  # only controls were run
+        return "\n".join(lines) + "\n"
     lines += ["", f"Worst case: forget accuracy {w['forget_acc']:.4f} at step {w['step']} "
                   f"({w['model']}, lr={w['lr']:g}, seed={w['seed']}); random chance {result['chance']:.2f}"
                   + (f", before unlearning {result['baseline']:.4f}." if result.get("baseline") is not None else ".")]
@@ -224,19 +226,29 @@ RETAIN_COLLAPSE_MARGIN = 0.05
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
     """Finished runs and baselines under ``dirs`` (any depth), sorted by path, numbers by value.
 
+    A run is a directory with ``config.yaml`` and an ``eval.json`` that gives a forget accuracy: a
+    sweep's headline, or a task of role forget that ``sequnlearn eval`` scored (see
+    :func:`sequnlearn.results.headline`: WMDP tasks and ``--data`` files are forget, ``mmlu`` and
+    ``--retain-data`` files retain).
+
     Returns:
-        ``(runs, baselines)``; a run row has its path, config, eval and metrics.
+        ``(runs, baselines)``; a run row has its path, config, eval (with the headline keys filled in)
+        and metrics.
     """
     from sequnlearn import io
+    from sequnlearn.results import is_results_file, with_headline
     from sequnlearn.runs import read_json, read_jsonl
 
     runs, baselines = [], []
     for root in dirs:
         for ev_path in sorted(Path(root).rglob("eval.json"), key=_natural):
             ev = read_json(ev_path)
+            if not is_results_file(ev):
+                continue
+            ev = with_headline(ev)
             if ev.get("baseline"):
                 baselines.append({"path": str(ev_path.parent), "eval": ev})
-            elif (ev_path.parent / "config.yaml").is_file() and "forget_acc" in ev:
+            elif (ev_path.parent / "config.yaml").is_file() and ev.get("forget_acc") is not None:
                 cfg = io.read_yaml(ev_path.parent / "config.yaml", "run config")
                 runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
                              "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
@@ -259,9 +271,17 @@ def _layers(cfg: dict) -> str:
 
 
 def annotate(runs: list[dict], chance: float = CHANCE_4WAY) -> list[str]:
-    """Notes per run: below random, retain collapsed, best per retain loss (lowest forget, retain intact)."""
-    return _notes([{"loss": r["config"]["retain_loss"], "forget": r["eval"]["forget_acc"],
-                    "retain": r["eval"].get("retain_acc"), "sd": None} for r in runs], chance, "run")
+    """Notes per run: below random, retain collapsed, best per retain loss (lowest forget, retain intact),
+    and the ``--limit`` a forget accuracy was scored with."""
+    notes = _notes([{"loss": r["config"]["retain_loss"], "forget": r["eval"]["forget_acc"],
+                     "retain": r["eval"].get("retain_acc"), "sd": None} for r in runs], chance, "run")
+    return ["; ".join(filter(None, [note, _limit_note(r["eval"])])) for note, r in zip(notes, runs)]
+
+
+def _limit_note(ev: dict) -> str:
+    """``Forget acc on --limit 4`` when the forget accuracy came from the first questions only."""
+    limit = ev.get("forget_limit")
+    return f"Forget acc on --limit {limit}" if isinstance(limit, int) else ""
 
 
 def _notes(points: list[dict], chance: float, label: str) -> list[str]:
@@ -323,12 +343,15 @@ SEEDS_NOTE = ("Runs whose configs differ only in `seed` (or where outputs go) fo
 
 
 def seed_groups(runs: list[dict]) -> list[list[dict]]:
-    """Runs whose configs are equal except for ``seed`` and :data:`OUTPUT_ONLY_KEYS`, in order of first appearance."""
+    """Runs whose configs are equal except for ``seed`` and :data:`OUTPUT_ONLY_KEYS`, in order of first
+    appearance; a key a stored config lacks (written before the key existed) counts as its default."""
     import json
+
+    from sequnlearn.config import with_defaults
 
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        setting = {k: v for k, v in r["config"].items() if k != "seed" and k not in OUTPUT_ONLY_KEYS}
+        setting = {k: v for k, v in with_defaults(r["config"]).items() if k != "seed" and k not in OUTPUT_ONLY_KEYS}
         groups.setdefault(json.dumps(setting, sort_keys=True, default=str), []).append(r)
     return list(groups.values())
 
@@ -568,39 +591,84 @@ def chance_of(runs: list[dict]) -> float:
 
 
 def write_report(dirs: list[Path], out: Path) -> dict:
-    """Tables (markdown, CSV) and plots from run directories into ``out``; returns what was written.
+    """Tables (markdown, CSV) and plots of what ``dirs`` hold into ``out``; returns what was written.
 
-    Runs that differ only in ``seed`` form a group (:func:`seed_groups`): ``report_seeds.csv`` has a
-    row per group (mean, sd, n), and when a group has several runs ``report.md`` adds an "Across
-    seeds" table and the plots show group means with sd error bars.
+    Runs scored by ``sweep`` or ``sequnlearn eval`` (:func:`collect`) give the run tables and plots;
+    every ``tamper.json`` its attack table and ``tamper.png``; every ``audit.json`` its section. A
+    directory with only tampering results or audits gives a report of those. Runs that differ only in
+    ``seed`` form a group (:func:`seed_groups`): ``report_seeds.csv`` has a row per group (mean, sd, n),
+    and when a group has several runs ``report.md`` adds an "Across seeds" table and the plots show group
+    means with sd error bars. Everything is read and ``out`` checked before anything is written.
+
+    Raises:
+        UserError: a directory that does not exist, nothing to report, a damaged result file, or an
+            ``out`` that is a file or cannot be written.
     """
+    from sequnlearn.audit import report_section
     from sequnlearn.errors import UserError
-    from sequnlearn.runs import read_json
+    from sequnlearn.runs import check_writable, read_json
 
+    missing = [str(d) for d in dirs if not Path(d).exists()]
+    if missing:
+        raise UserError(f"{missing[0]} does not exist; give run, sweep or tamper directories")
     runs, baselines = collect(dirs)
     baselines = _distinct_baselines(baselines)
-    if not runs:
-        raise UserError(f"no finished runs (config.yaml + eval.json) under {', '.join(map(str, dirs))}; run a sweep first")
-    tampers = [read_json(p) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]  # all read before any write
+    tampers = [(p, read_json(p)) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]
+    tampers = [(p, t) for p, t in tampers if isinstance(t, dict) and t.get("runs")]
+    if not runs and not tampers and not any(p for d in dirs for p in Path(d).rglob("audit.json")):
+        raise UserError(f"nothing to report under {', '.join(map(str, dirs))}: no finished run (config.yaml + "
+                        "eval.json with a forget accuracy), no tamper.json, no audit.json; evaluate a run with "
+                        "`sequnlearn eval RUN --tasks wmdp_bio_robust,mmlu` (or --data FILE), or run a sweep first")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a directory for report.md, report.csv and the plots")
+    check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
+    md, written, groups = _runs_section(runs, baselines, out) if runs else ("", [], [])
+    tamper_tables, tamper_files = _tamper_section(tampers, out)
+    tamper_md = tamper_tables + ("\n![tampering attack](tamper.png)\n" if tamper_files else "")
+    audit_lines, audit_files = report_section(dirs, out)  # knowledge audits (audit.json) found under dirs
+    atomic_write_text(out / "report.md", "# Report\n\n" + md + tamper_md + "\n".join(["", *audit_lines]))
+    return {"runs": len(runs), "groups": len(groups), "baselines": len(baselines),
+            "tampers": len(tampers), "files": ["report.md", *written, *tamper_files, *audit_files],
+            "table": md or tamper_tables.lstrip("\n")}
+
+
+def _runs_section(runs: list[dict], baselines: list[dict], out: Path) -> tuple[str, list[str], list[dict]]:
+    """The run tables (markdown), ``report.csv``, ``report_seeds.csv`` and the run plots into ``out``.
+
+    Returns:
+        ``(markdown, file names written, seed groups)``.
+    """
     chance = chance_of(runs)
     rows, groups = table_rows(runs, chance), group_rows(runs, chance)
     md = markdown_table(rows, baselines)
     if _repeated(groups):
         md += "\n## Across seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(groups, other_styles(runs))
-    from sequnlearn.audit import report_section
-
-    audit_lines, audit_files = report_section(dirs, out)  # knowledge audits (audit.json) found under dirs
-    atomic_write_text(out / "report.md", "# Sweep report\n\n" + md + "\n".join(["", *audit_lines]))
     atomic_write_text(out / "report.csv", csv_text(rows))
     atomic_write_text(out / "report_seeds.csv", csv_text(groups))
     plot_tradeoff(groups, baselines, out / "tradeoff.png", chance, runs=rows)
     plot_forget_vs_remove(groups, out / "forget_vs_remove_coef.png", chance, runs=rows)
     plot_sweep_losses(runs, out / "losses.png")
-    written = ["report.md", "report.csv", "report_seeds.csv", "tradeoff.png", "forget_vs_remove_coef.png",
-               "losses.png", *audit_files]
-    if tampers:
-        merged = {**tampers[0], "runs": [r for t in tampers for r in t["runs"]]}
-        plot_tamper(merged, out / "tamper.png")
-        written.append("tamper.png")
-    return {"runs": len(runs), "groups": len(groups), "baselines": len(baselines), "files": written, "table": md}
+    return md, ["report.csv", "report_seeds.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"], groups
+
+
+def _tamper_section(tampers: list[tuple[Path, dict]], out: Path) -> tuple[str, list[str]]:
+    """A table per ``tamper.json`` (:func:`tamper_table`) and one ``tamper.png`` of all their attacks.
+
+    Returns:
+        ``(markdown tables, file names written)``; both empty without tampering results.
+    """
+    if not tampers:
+        return "", []
+    merged = {**tampers[0][1], "runs": [r for _, t in tampers for r in t["runs"]]}
+    plot_tamper(merged, out / "tamper.png")
+    return "".join(f"\n## Tampering attack ({p.parent})\n\n{tamper_table(t)}{_interrupted_note(t)}"
+                   for p, t in tampers), ["tamper.png"]
+
+
+def _interrupted_note(result: dict) -> str:
+    """A line under the table of an attack that was interrupted (its ``tamper.json`` holds ``interrupted``)."""
+    if not result.get("interrupted"):
+        return ""
+    return ("\nInterrupted: only the attacks that finished are shown; finish them with `sequnlearn tamper ... "
+            "--resume`.\n")

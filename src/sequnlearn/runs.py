@@ -25,15 +25,24 @@ from sequnlearn.errors import UserError
 
 @dataclass(frozen=True)
 class RunDir:
-    """Paths of one run directory (the unit of every result)."""
+    """Paths of one run directory (the unit of every result).
+
+    ``root`` is where the files are written; ``final`` is where the run will live when it differs
+    (an ``--overwrite`` builds the new run in a sibling staging directory, see :func:`replacing`)."""
 
     root: Path
-    overwrite: bool = False
-    """:meth:`claim` empties a non-empty directory first (``--overwrite``)."""
+    final: Path | None = None
+    """The run's own path when ``root`` is a staging directory that replaces it once the run is done."""
 
     def claim(self) -> Path:
-        """Create the directory just before its first file is written (see :func:`claim_out_dir`)."""
-        return claim_out_dir(self.root, overwrite=self.overwrite)
+        """Create the directory just before its first file is written."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    @property
+    def name(self) -> str:
+        """The run's name: its final directory's name (not a staging directory's)."""
+        return (self.final or self.root).name
 
     @property
     def config(self) -> Path:
@@ -81,6 +90,20 @@ def run_of_model(path: str | os.PathLike) -> RunDir | None:
     return None
 
 
+def respect_umask(path: Path) -> None:
+    """Give ``path``, and everything under it when it is a directory, the mode a plain ``open`` or
+    ``mkdir`` gives: 0666 (0777 for directories and executables) less the umask. Temp files and
+    directories are created 0600/0700, and libraries that write through their own temp file
+    (safetensors) leave weights 0600, unreadable to colleagues on a shared cluster."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if p.is_symlink():
+            continue
+        wide = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if wide else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; rename it onto ``path`` if the block succeeds."""
@@ -88,11 +111,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    respect_umask(Path(tmp))  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        respect_umask(Path(tmp))  # again: a writer may have put its own (0600) file there
         os.replace(tmp, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -112,17 +134,31 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the usual permissions
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        respect_umask(tmp)  # mkdtemp makes 0700, safetensors writes its files 0600
+        swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Put directory ``new`` at ``path``: an old ``path`` is renamed aside first and deleted only once
+    ``new`` is in place, so at no moment is neither of them on disk."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old.tmp")
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old)
 
 
 def remove_stale_temp_files(root: str | os.PathLike) -> list[Path]:
@@ -170,40 +206,202 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Check that ``out`` may be written; creates and changes nothing.
+RUN_KINDS = {"unlearn": "run (no config.yaml of an unlearning run)", "tamper": "tamper result (no tamper.json)"}
+"""The kinds of output directory ``--overwrite`` may replace, and how each is recognised."""
+
+
+def is_kind(out: Path, kind: str) -> bool:
+    """Whether ``out`` holds an output of ``kind`` (see :data:`RUN_KINDS`)."""
+    if kind == "tamper":
+        return (out / "tamper.json").is_file()
+    if not (out / "config.yaml").is_file():
+        return False
+    from sequnlearn import io
+
+    try:
+        return "remove_coef" in io.read_yaml(out / "config.yaml", "run config")
+    except UserError:
+        return False
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check that ``path`` can be created or written: no regular file above it, and its nearest
+    existing directory writable. Creates nothing.
 
     Raises:
-        UserError: ``out`` is a file, is non-empty without ``resume``/``overwrite``, or ``resume`` was
-            asked for on a directory that holds no run.
+        UserError: a parent of ``path`` is a file, or the nearest existing directory is not writable.
+    """
+    path = Path(path)
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a directory; choose another path")
+            target = path if path.is_dir() else parent  # a file is replaced by a rename in its directory
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise UserError(f"{what} {path}: {target} is not writable (permission denied); choose a "
+                                "writable place or fix its permissions")
+            return path
+    return path
+
+
+def _inputs_inside(out: Path, inputs) -> list[str]:
+    """The local input paths that are ``out`` or lie under it."""
+    root, found = out.resolve(), []
+    for given in inputs:
+        if given is None or str(given).startswith("tiny:"):
+            continue
+        p = Path(str(given)).expanduser()
+        if p.exists() and (p.resolve() == root or root in p.resolve().parents):
+            found.append(str(given))
+    return found
+
+
+def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False, kind: str = "unlearn",
+                  inputs=()) -> Path:
+    """Check that ``out`` may be written; creates and changes nothing.
+
+    ``--overwrite`` is a promise to replace an output of the same ``kind`` (:data:`RUN_KINDS`), never to
+    delete what is not one: a directory of another kind, or one that holds or contains one of ``inputs``
+    (model, corpora, MCQ files), is refused.
+
+    Raises:
+        UserError: ``out`` is a file or cannot be written, is non-empty without ``resume``/``overwrite``,
+            ``resume`` was asked for on a directory that holds no run, ``overwrite`` on something that is
+            not an output of ``kind`` or holds an input, or another command is writing it.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
+    check_writable(out)
+    check_unlocked(out)
     if resume:
-        if not RunDir(out).is_run():
-            raise UserError(f"--resume: {out} holds no run (no config.yaml); drop --resume to start a new run")
+        if not is_kind(out, kind):
+            raise UserError(f"--resume: {out} holds no {RUN_KINDS[kind]}; drop --resume to start anew")
         return out
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out} exists and is not empty; pass --resume to continue it or --overwrite to replace it")
+    held = _inputs_inside(out, inputs)
+    if held and out.exists():
+        raise UserError(f"--out {out} holds this command's input {held[0]}; write the result somewhere else")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} exists and is not empty; pass --resume to continue it or --overwrite to "
+                            "replace it")
+        if not is_kind(out, kind):
+            raise UserError(f"--overwrite: {out} is no {RUN_KINDS[kind]}, so it was left as it is; choose another "
+                            "--out, or move it away yourself")
     return out
 
 
-def claim_out_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Create ``out`` for the first file written into it; with ``overwrite``, empty it first."""
+def is_replacement(out: str | os.PathLike) -> bool:
+    """Whether writing ``out`` replaces an earlier result (it is a non-empty directory)."""
     out = Path(out)
-    if overwrite and out.is_dir() and any(out.iterdir()):
-        import shutil
+    return out.is_dir() and any(out.iterdir())
 
+
+def staging_path(out: str | os.PathLike) -> Path:
+    """Where a replacement of ``out`` is built (a hidden sibling, the same for every process)."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.new.tmp")
+
+
+@contextmanager
+def replacing(out: str | os.PathLike, *, main: bool = True) -> Iterator[Path]:
+    """Build a replacement of the directory ``out`` in :func:`staging_path` and swap it in when the
+    block succeeds; on any failure (Ctrl-C included) the staging directory is removed and ``out`` is as
+    it was. ``main``: this process writes (others only use the path)."""
+    out = Path(out)
+    stage = staging_path(out)
+    if main and stage.exists():
+        shutil.rmtree(stage)  # left by a replacement that was killed: never a result
+    try:
+        with hold_lock(out, main=main):
+            yield stage
+            if main:
+                swap_in(stage, out)
+    finally:
+        if main and stage.exists():
+            shutil.rmtree(stage)
+
+
+LOCK_NAME = ".sequnlearn.lock"
+"""The lock file inside an output directory while a command writes it."""
+
+
+def check_unlocked(out: str | os.PathLike) -> None:
+    """Refuse when another process holds ``out``'s lock (creates nothing).
+
+    Raises:
+        UserError: another sequnlearn command is writing ``out``.
+    """
+    import fcntl
+
+    path = Path(out) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody writes it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{out} is being written by another sequnlearn command ({path} is locked); wait for it to "
+                        "finish or choose another --out") from None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def hold_lock(out: str | os.PathLike, *, main: bool = True) -> Iterator[None]:
+    """Hold ``out``'s lock file (created with ``out``) while the block writes; a second writer is refused.
+
+    The lock is an ``flock``: it ends with the process, so a killed command leaves no stale lock.
+
+    Raises:
+        UserError: another process holds it.
+    """
+    import fcntl
+
+    if not main:
+        yield
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{out} is being written by another sequnlearn command ({path} is locked); wait for it "
+                            "to finish or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed the file as we opened it: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def prepare_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                    kind: str = "unlearn") -> Path:
+    """:func:`check_out_dir`, then create ``out`` (an old output of ``kind`` emptied first with ``overwrite``).
+
+    For the demo's own sub-directories and tests; commands replace a run with :func:`replacing`, which
+    keeps the old one until the new one is done."""
+    check_out_dir(out, resume=resume, overwrite=overwrite, kind=kind)
+    out = Path(out)
+    if not resume and overwrite and is_replacement(out):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def prepare_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """:func:`check_out_dir`, then create ``out`` (emptied first with ``overwrite``)."""
-    check_out_dir(out, resume=resume, overwrite=overwrite)
-    return Path(out) if resume else claim_out_dir(out, overwrite=overwrite)
 
 
 def _git(cwd: Path, *args: str) -> str | None:
@@ -269,9 +467,11 @@ def config_sha256(cfg) -> str:
 
 
 def run_fingerprints(cfg, batches) -> dict:
-    """The resolved config's hash and the fingerprints of the tokenized forget/retain examples a run trains on."""
+    """The resolved config's hash, the fingerprints of the tokenized forget/retain examples a run trains
+    on, and what loading them dropped or cut (``corpora``: rows skipped, documents truncated and used)."""
     return {"config_sha256": config_sha256(cfg),
-            "data": {"forget": token_fingerprint(batches.forget), "retain": token_fingerprint(batches.retain)}}
+            "data": {"forget": token_fingerprint(batches.forget), "retain": token_fingerprint(batches.retain)},
+            "corpora": dict(getattr(batches, "counts", None) or {})}
 
 
 def provenance(device: str | None = None) -> dict:

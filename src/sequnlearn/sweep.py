@@ -139,16 +139,46 @@ def load_sweep(name_or_file: str) -> Sweep:
     bad = [s for s in eval_styles(ev) if s not in ("letter", "cloze")]
     if bad or not eval_styles(ev):
         raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
-    sweep = Sweep(data.get("name", path.stem), base, data.get("grid") or {}, ev, str(path), data.get("set") or {},
-                  points, seeds)
-    names: dict[str, dict] = {}
-    for point in sweep.points():
+    name = data.get("name", path.stem)
+    check_dir_name(name, f"{path}: sweep name", "set name: to a plain name such as my-sweep")
+    sweep = Sweep(name, base, data.get("grid") or {}, ev, str(path), data.get("set") or {}, points, seeds)
+    check_points(sweep)
+    return sweep
+
+
+def check_dir_name(name: Any, what: str, fix: str) -> None:
+    """Refuse a name that would not be one directory inside ``--out``: not a string, empty, ``.``/``..``,
+    with a path separator, a control character (a newline) or a NUL, or longer than a file name may be.
+
+    Raises:
+        UserError: names ``what``, the name and ``fix``.
+    """
+    bad = (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+           or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name.encode("utf-8")) > 255)
+    if bad:
+        raise UserError(f"{what} {name!r} is not a single directory name (it must stay inside --out: no path "
+                        f"separator, not . or .., no control characters); {fix}")
+
+
+def check_points(sweep: Sweep) -> None:
+    """Validate every point's config and refuse two points that would share a run directory (the
+    same point twice, values equal as numbers such as ``10`` and ``10.0``, or values that print alike).
+
+    Raises:
+        UserError: names the two points (by index) and the directory, before anything runs.
+    """
+    names: dict[str, tuple[int, dict]] = {}
+    for i, point in enumerate(sweep.points()):
         sweep.config(point)
         name = sweep.point_name(point)
-        if names.setdefault(name, point) != point:
-            raise UserError(f"{path}: points {names[name]} and {point} would share the directory {name}; "
-                            "give each point the keys that tell it apart")
-    return sweep
+        check_dir_name(name, f"{sweep.source}: point {i}'s directory", "change the values that name it")
+        if name in names:
+            j, other = names[name]
+            fix = ("are the same point (equal values: 10 and 10.0 are one number) and would share the directory "
+                   f"{name}; list each point once") if other == point else \
+                f"would share the directory {name}; give each point the keys that tell it apart"
+            raise UserError(f"{sweep.source}: points {j} {other} and {i} {point} {fix}")
+        names[name] = (i, point)
 
 
 def evaluate_model(model_path: str, ev: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from sequnlearn.config import TamperConfig
 from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
+from sequnlearn.eval import NonFiniteModel
 from sequnlearn.runs import write_json
 from sequnlearn.unlearn.schedule import lr_factor
 
@@ -125,15 +126,19 @@ def _evaluate_here(model, tokenizer, cfg: TamperConfig, tasks: dict) -> dict:
 
 
 def attack(load: Loader, cfg: TamperConfig, *, lr: float, seed: int, tasks: dict, texts: list[str],
-           progress: bool = True, proc: Process | None = None) -> list[dict]:
+           progress: bool = True, proc: Process | None = None, curve: list[dict] | None = None) -> list[dict]:
     """One attack: fine-tune fresh weights for ``cfg.steps`` steps, evaluating every ``eval_every``.
+
+    Args:
+        curve: the list the evaluations are appended to as they are made (what an interrupted attack
+            had evaluated stays there); default a new one.
 
     Returns:
         The curve: ``[{step, forget_acc, retain_acc?, train_loss}]``, step 0 first.
     """
     torch.manual_seed(seed)
     model, tokenizer = load()
-    curve: list[dict] = []
+    curve = [] if curve is None else curve
 
     def evaluate(step: int, loss: float | None, sharded: bool, proc: Process) -> None:
         curve.append({"step": step, **_evaluate(model, tokenizer, cfg, tasks, proc, sharded), "train_loss": loss})
@@ -281,8 +286,45 @@ def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, tex
     return plan
 
 
+class TamperInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an attack; ``tamper.json`` keeps the finished attacks and the interrupted one's
+    evaluations (under ``interrupted``)."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"{done} of {total} attacks finished")
+        self.done, self.total = done, total
+
+
+def planned_attacks(n_models: int, cfg: TamperConfig) -> int:
+    """How many attacks a tamper of ``n_models`` models with ``cfg`` runs (controls included)."""
+    per_setting = n_models * (2 if "benign" in cfg.controls else 1) + len({"base", "retain-tuned"} & set(cfg.controls))
+    return per_setting * len(cfg.lrs) * len(cfg.seeds)
+
+
+def attack_key(run: dict) -> tuple:
+    """What identifies one attack of a tamper result: ``(model, role, lr, seed)``."""
+    return run["model"], run["role"], float(run["lr"]), int(run["seed"])
+
+
+def check_resumable(previous: dict, cfg: TamperConfig, out: Path) -> None:
+    """Refuse to resume a tamper result made with another config.
+
+    Raises:
+        UserError: ``tamper.json``'s config differs from ``cfg``.
+    """
+    import json
+
+    stored = previous.get("config") or {}
+    mine = json.loads(json.dumps(asdict(cfg)))
+    diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+    if diff:
+        raise UserError(f"--resume: the tamper result in {out} was made with another config ({', '.join(diff)}); "
+                        "resume with the same settings, or choose another --out")
+
+
 def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline: float | None = None,
-           base: Loader | None = None, progress: bool = True, proc: Process | None = None) -> dict:
+           base: Loader | None = None, progress: bool = True, proc: Process | None = None,
+           previous: dict | None = None) -> dict:
     """Attack each model with every (lr, seed), and run ``cfg.controls``; write ``tamper.json``,
     ``tamper.png``, ``tamper.md``.
 
@@ -290,17 +332,22 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
         models: label → loader returning fresh ``(model, tokenizer)``.
         baseline: forget accuracy of the model before unlearning (a line on the plot).
         base: loader of the model before unlearning (needed by the ``base`` and ``retain-tuned`` controls).
+        previous: the ``tamper.json`` of an interrupted run with the same config (``--resume``): its
+            finished attacks are kept, not run again.
 
     Returns:
         The ``tamper.json`` content; each run has ``role``: ``attack`` or the control's name.
 
     Raises:
-        UserError: a control needs ``base`` and none was given.
+        UserError: a control needs ``base`` and none was given; ``previous`` has another config.
+        TamperInterrupted: Ctrl-C; what was finished is in ``tamper.json``.
     """
     from sequnlearn.data.mcq import load_task
     from sequnlearn.eval import chance_level
     from sequnlearn.report import plot_tamper, tamper_table
 
+    if previous is not None:
+        check_resumable(previous, cfg, out)
     tasks = {"forget": load_task(cfg.forget_task)}
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
@@ -309,20 +356,41 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     proc = proc or Process.current()
     plan = _plan(models, cfg, base, texts, benign, progress, proc)
     main = proc.is_main
-    t0, runs = time.time(), []
+    done = {attack_key(r): r for r in (previous or {}).get("runs", [])}
+    t0, runs = time.time() - (previous or {}).get("wall_s", 0.0), []
     result = {"config": asdict(cfg), "baseline": baseline, "chance": chance_level(tasks["forget"]), "runs": runs}
+    total = len(plan) * len(cfg.lrs) * len(cfg.seeds)
     for label, role, loader_for, corpus in plan:
         for lr in cfg.lrs:
             for seed in cfg.seeds:
-                curve = attack(loader_for(lr, seed), cfg, lr=lr, seed=seed, tasks=tasks, texts=corpus,
-                               progress=progress, proc=proc)
-                runs.append({"model": label, "role": role, "lr": lr, "seed": seed, "curve": curve})
+                entry = {"model": label, "role": role, "lr": lr, "seed": seed}
+                if attack_key(entry) in done:
+                    runs.append(done[attack_key(entry)])
+                    continue
+                curve: list[dict] = []
+                try:
+                    attack(loader_for(lr, seed), cfg, lr=lr, seed=seed, tasks=tasks, texts=corpus,
+                           progress=progress, proc=proc, curve=curve)
+                except KeyboardInterrupt:
+                    if main:
+                        write_json(out / "tamper.json", {**result, "interrupted": {**entry, "curve": curve}})
+                    raise TamperInterrupted(len(runs), total) from None
+                except NonFiniteModel:
+                    if main:
+                        write_json(out / "tamper.json", {**result, "diverged": {**entry, "curve": curve}})
+                    raise UserError(f"the attack on {label} (lr {lr:g}, seed {seed}) diverged after step "
+                                    f"{curve[-1]['step'] if curve else 0}: its weights or logits became non-finite, "
+                                    f"so it is not scored; lower the attack's lr ({len(runs)} finished attacks are "
+                                    f"in {out}/tamper.json)") from None
+                runs.append({**entry, "curve": curve})
                 result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
                 if main:
                     write_json(out / "tamper.json", result)  # after every attack: a kill loses at most one
     if main:
         from sequnlearn.runs import atomic_write_text
 
+        result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
+        write_json(out / "tamper.json", result)
         plot_tamper(result, out / "tamper.png")
         atomic_write_text(out / "tamper.md", tamper_table(result))
     return result

@@ -219,14 +219,17 @@ def load_mcq_file(path: str | os.PathLike) -> list[MCQRecord]:
     ``answer`` (int index into choices); ``category`` and ``subject`` are optional.
 
     Raises:
-        UserError: the file is missing, unreadable, empty, or a question is invalid.
+        UserError: the file is missing, not a regular file (a FIFO, a device), unreadable, empty, or a
+            question is invalid.
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists() or p.is_dir():
         what = "is a directory" if p.is_dir() else "does not exist"
         raise UserError(f"MCQ file {p} {what}; give a .jsonl/.json/.parquet file with fields "
                         f"question, choices, answer")
-    rows = _read_rows(p)
+    from sequnlearn import io
+
+    rows = _read_rows(io.check_file(p, "MCQ file"))  # a FIFO, device or socket: refused before it is opened
     if not rows:
         raise UserError(f"MCQ file {p} holds no questions; add at least one")
     unit = "line" if p.suffix.lower() == ".jsonl" else "item"

@@ -45,8 +45,40 @@ from sequnlearn.errors import UserError
 TASKS = HUB_TASKS
 BACKENDS = ("fast", "lm-eval")
 
-__all__ = ["BACKENDS", "STYLES", "TASKS", "MCQTask", "check_options", "evaluate", "format_table", "load_tasks",
-           "parse_tasks"]
+__all__ = ["BACKENDS", "STYLES", "TASKS", "MCQTask", "NonFiniteModel", "check_finite_weights", "check_options",
+           "evaluate", "format_table", "load_tasks", "nonfinite_tensors", "parse_tasks"]
+
+
+class NonFiniteModel(UserError):
+    """A model whose weights or logits hold NaN or infinity: broken, so never scored nor saved as a result."""
+
+
+def nonfinite_tensors(model: Any) -> tuple[list[str], int]:
+    """The floating-point parameters and buffers of ``model`` that hold a NaN or an infinity.
+
+    Sharded (DTensor) and meta tensors are not looked at: the logits check of the evaluation covers them.
+
+    Returns:
+        ``(names of the non-finite tensors, number of tensors looked at)``.
+    """
+    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+             if t.is_floating_point() and t.device.type != "meta" and type(t).__name__ != "DTensor"]
+    with torch.no_grad():
+        bad = [n for n, t in named if not bool(torch.isfinite(t).all())]
+    return bad, len(named)
+
+
+def check_finite_weights(model: Any) -> None:
+    """Refuse to evaluate a model whose weights are not all finite.
+
+    Raises:
+        NonFiniteModel: a parameter or buffer holds a NaN or an infinity.
+    """
+    bad, total = nonfinite_tensors(model)
+    if bad:
+        raise NonFiniteModel(f"the model has non-finite weights (NaN or inf) in {len(bad)} of {total} tensors "
+                             f"(first: {bad[0]}): it is broken, so it is not scored; unlearn it again with a lower "
+                             "lr or lower coefficients")
 
 
 def parse_tasks(tasks: str | Sequence[str] | None, data_file: str | None = None) -> list[str]:
@@ -148,9 +180,11 @@ def evaluate(model: Any, tokenizer: Any, tasks: str | Sequence[str | MCQTask] | 
 
     Raises:
         UserError: bad arguments, unknown task, unreadable or unreachable data.
+        NonFiniteModel: the model's weights or log-likelihoods are not all finite.
     """
     check_options(backend, style, limit, batch_size, num_fewshot)
     loaded = _resolve(tasks, data_file, data_dir, num_fewshot)
+    check_finite_weights(model)
     amp = _autocast_dtype(model)
     start = time.perf_counter()
     if backend == "fast":
@@ -248,10 +282,11 @@ def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progre
 
     Returns:
         ``{style, forget_acc, forget_task, forget_chance, [retain_acc, retain_task, retain_chance],
-        tasks: {name: summary without predictions}}``.
+        tasks: {name: summary without predictions, with its ``chance``}}``.
 
     Raises:
         UserError: a task cannot be loaded, or an evaluation gave no finite accuracy.
+        NonFiniteModel: the model's weights or logits are not all finite (never a near-chance accuracy).
     """
     spec = with_loaded_tasks(spec)
     loaded = {k: t for k, t in (("forget", spec.forget_task), ("retain", spec.retain_task)) if t is not None}
@@ -264,5 +299,5 @@ def forget_retain_accuracy(model: Any, tokenizer: Any, spec: EvalSpec, *, progre
         if summary["acc"] is None or not math.isfinite(summary["acc"]):
             raise UserError(f"the {key} evaluation ({task.name}) gave no accuracy ({summary['acc']!r})")
         out.update({f"{key}_acc": summary["acc"], f"{key}_task": task.name, f"{key}_chance": chance_level(task)})
-        out["tasks"][task.name] = summary
+        out["tasks"][task.name] = {**summary, "chance": chance_level(task)}
     return out

@@ -296,7 +296,17 @@ def question_prediction(q: Question, lls: Sequence[float], style: str) -> dict[s
         plus ``"pred_norm"`` (argmax of loglikelihood / choice length in characters) for cloze.
         ``correct_prob`` is the softmax of the loglikelihoods at the answer: the probability mass on
         the correct letter among the choices.
+
+    Raises:
+        NonFiniteModel: a loglikelihood is NaN or infinite (the model's logits are not finite).
     """
+    if not all(math.isfinite(v) for v in lls):
+        from sequnlearn.eval import NonFiniteModel
+
+        raise NonFiniteModel(f"the model's logits are not finite (NaN or inf) on {q.task}/{q.subtask} question "
+                             f"{q.doc_id} (loglikelihoods {list(lls)}): it is broken, so it is not scored; if its "
+                             "weights are fp16, load it in bf16 or fp32 (--dtype), else unlearn it again with a "
+                             "lower lr")
     top = max(lls)
     weights = [math.exp(v - top) for v in lls]
     pred = {"subtask": q.subtask, "doc_id": q.doc_id, "category": q.record.category or q.subtask,

@@ -56,3 +56,62 @@ def lora_dropout_train_mode(model: nn.Module) -> None:
 def merge_adapter(peft_model):
     """Merge the adapter into the base weights in place and return the plain HF model."""
     return peft_model.merge_and_unload()
+
+
+def save_adapter(peft_model, path, cfg: dict, run_name: str) -> None:
+    """Save the adapter (peft format) so that it loads from any directory, with a README of our own.
+
+    ``adapter_config.json`` names the base model by :func:`~sequnlearn.model.load.model_reference`
+    (an absolute path, a hub id and its revision, or ``tiny:FAMILY``), and ``README.md`` (written over
+    peft's blank template) says what the adapter is: method, base model, target layers, and where the
+    run's model card is.
+
+    Args:
+        path: the (temp) adapter directory.
+        cfg: the run's resolved config (``config.yaml``).
+        run_name: the run directory's name.
+    """
+    from pathlib import Path
+
+    from sequnlearn.model.load import model_reference
+    from sequnlearn.runs import atomic_write_text
+
+    base = model_reference(str(cfg["model"]))
+    for conf in peft_model.peft_config.values():
+        conf.base_model_name_or_path, conf.revision = base, cfg.get("revision")
+    # The base embeddings are never changed: without this, peft would look the base model up (on the
+    # hub for a hub id) to see whether the vocabulary was resized.
+    peft_model.save_pretrained(str(path), save_embedding_layers=False)
+    atomic_write_text(Path(path) / "README.md", adapter_readme(cfg, base, run_name))
+
+
+def adapter_readme(cfg: dict, base: str, run_name: str) -> str:
+    """The adapter's ``README.md`` (a Hugging Face card): method, base model, target layers, model card link."""
+    from pathlib import Path
+
+    from sequnlearn.config import layer_order
+
+    layers = cfg.get("layers") or layer_order(cfg["layer_start"], cfg["layer_end"], cfg["layer_step"])
+    hub = not base.startswith("tiny:") and not Path(base).is_absolute()
+    meta = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if hub else "") + \
+        "tags:\n- sequnlearn\n- unlearning\n- lora\n---\n"
+    how = ("```python\nfrom peft import AutoPeftModelForCausalLM\n\n"
+           "model = AutoPeftModelForCausalLM.from_pretrained(\"PATH/TO/THIS/adapter\")  # loads the base model too\n```"
+           if not base.startswith("tiny:") else
+           f"`{base}` is a random tiny model sequnlearn builds from a config (`sequnlearn.model.load.load_model"
+           f"(\"{base}\")`); attach this adapter to it with "
+           "`peft.PeftModel.from_pretrained(model, \"PATH/TO/THIS/adapter\")`.")
+    return "\n".join([
+        meta, f"# LoRA adapter of sequnlearn run {run_name}", "",
+        "The LoRA adapter that sequnlearn's sequential back-to-front unlearning trained; merged into the base "
+        "model it gives the run's unlearned model (`../model/`).", "",
+        f"- base model: `{base}`" + (f" (revision `{cfg['revision']}`)" if cfg.get("revision") else ""),
+        f"- method: sequential back-to-front unlearning over target layers {layers} (deepest first); forget loss "
+        f"`{cfg.get('forget_loss')}` (coefficient {cfg.get('remove_coef')}), retain loss `{cfg.get('retain_loss')}` "
+        f"(coefficient {cfg.get('retain_coef')})",
+        f"- LoRA: r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, dropout {cfg.get('lora_dropout')}, "
+        f"targets `{cfg.get('target_modules')}`",
+        "- model card (what was unlearned, evaluation, tampering attack, provenance, full config): "
+        "[../model/README.md](../model/README.md)", "",
+        "Unlearning is not proven safe: see the model card's warning before you use or release this.", "",
+        "## Load", "", how, ""])

@@ -17,7 +17,20 @@ def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this torch has no usable CUDA GPU (torch {torch.__version__}, "
+                            f"{'a CPU-only build' if torch.version.cuda is None else 'no GPU visible'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 .. "
+                            f"cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise UserError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -48,6 +61,37 @@ def model_source(path_or_id: str) -> str:
             raise UserError(f"model path {path_or_id} does not exist; give a local model directory or a hub id")
         raise UserError(f"{path_or_id} holds no model (no config.json); point at an HF model directory or a finished run")
     return path_or_id
+
+
+def model_reference(path_or_id: str) -> str:
+    """How a saved artifact names the model a run started from, so it loads from any directory: the
+    absolute path of a local model (a run directory resolves to its ``model/``), the hub id of a hub
+    model, and ``tiny:FAMILY`` as it is (built from a config: nothing to load it from).
+
+    Raises:
+        UserError: as :func:`model_source`.
+    """
+    if path_or_id.startswith("tiny:"):
+        return path_or_id
+    source = model_source(path_or_id)
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
+
+
+def save_tokenizer(tokenizer, path: str | Path) -> None:
+    """Save ``tokenizer`` (HF format) without the truncation and padding training left on it.
+
+    transformers sets a fast tokenizer's truncation and padding per call, on its backend, and
+    leaves them there: after ``truncation=True, max_length=L`` ``save_pretrained`` would write that
+    into ``tokenizer.json``, and the ``tokenizers`` library would cut every text at the run's
+    ``max_length``. A copy with neither is saved; ``tokenizer`` itself is not changed."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    tokenizer.save_pretrained(str(path))
 
 
 def load_tokenizer(source: str, revision: str | None = None):
@@ -183,3 +227,29 @@ def _tiny(family: str, device: torch.device):
 
 def _short(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_fingerprint(path_or_id: str, model=None) -> dict:
+    """What identifies a model's weights, for provenance and ``--resume``.
+
+    A local directory: the SHA-256 over its weight files (names, sizes and bytes). A hub model: its
+    resolved commit (``config._commit_hash``) when ``model`` was loaded from the hub. A ``tiny:``
+    model: nothing to hash (it is built from a config, seed 0).
+    """
+    import hashlib
+
+    if path_or_id.startswith("tiny:"):
+        return {"source": path_or_id, "weights_sha256": None}
+    source = model_source(path_or_id)
+    if not Path(source).is_dir():
+        return {"source": source, "commit": getattr(getattr(model, "config", None), "_commit_hash", None)}
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(source).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return {"source": str(Path(source).resolve()), "weights_sha256": h.hexdigest()}

@@ -15,27 +15,30 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
 
 import torch
 
 from sequnlearn import io
-from sequnlearn.config import UnlearnConfig, dump_yaml
-from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference, tokenize
+from sequnlearn.config import UnlearnConfig, dump_yaml, with_defaults
+from sequnlearn.data.corpora import (Corpus, CorpusSpec, collate, count_truncated, read_corpus,
+                                     read_corpus_as_reference, tokenize)
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers
 from sequnlearn.runs import RunDir, atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
+from sequnlearn.trackers import check_tracker, open_tracker
 from sequnlearn.unlearn.objective import Objective, to_device
 from sequnlearn.unlearn.schedule import coefficients, lr_factor, micro_batch_progress, progress
 from sequnlearn.unlearn.state import Position, RunState
 
 
 class NonFiniteLoss(UserError):
-    """A NaN/inf loss stopped the run (no model is written from a broken adapter)."""
+    """A NaN/inf loss or gradient norm stopped the run, or every step of a phase was skipped as
+    non-finite (no model is written from a broken adapter)."""
 
 
 class Stream(IntEnum):
@@ -62,6 +65,8 @@ class Batches:
     forget: list[list[int]]
     retain: list[list[int]]
     pad_id: int
+    counts: dict = field(default_factory=dict)
+    """Per corpus, what loading dropped or cut (:func:`load_batches`; ``corpora`` in provenance.json)."""
 
 
 class Unlearner:
@@ -88,6 +93,7 @@ class Unlearner:
         self.accum = proc.micro_batches(cfg.global_batch_size, cfg.per_device_batch_size, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.pos = Position()
+        self.phase_applied = 0  # optimizer steps of the current phase applied (not skipped as non-finite)
         self._order_cache: dict = {}
 
     # ------------------------------------------------------------------ steps
@@ -239,9 +245,11 @@ class Unlearner:
 
     def _sync_and_step(self, sums: torch.Tensor, tokens: int, layer: int) -> list[float]:
         """Average LoRA gradients over processes, clip, then the step's only wait for the device: the
-        logged sums (over processes), skipped micro-batches and grad norm reach the host; a non-finite
-        loss stops here (``on_nan: stop``) before the optimizer steps. Returns ``[f_sum, r_sum, used,
-        skipped, bad_f, bad_r, grad_norm, tokens]``."""
+        logged sums (over processes), skipped micro-batches and grad norm reach the host. A non-finite
+        loss, or finite losses with a non-finite gradient norm, stops here (``on_nan: stop``) before the
+        optimizer steps; under ``on_nan: skip`` a step with a non-finite gradient norm, or without a
+        finite micro-batch, is not applied and its micro-batches count as skipped. Returns ``[f_sum,
+        r_sum, used, skipped, bad_f, bad_r, grad_norm, tokens]``."""
         if not self.fsdp:  # FSDP has reduce-scattered (and averaged) them in backward
             self.proc.average_gradients(self.params)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
@@ -250,13 +258,19 @@ class Unlearner:
         summed = self.proc.sum(summed)
         summed[6] = norm.double()
         values = summed.tolist()  # the one host-device synchronisation of the step
-        skipped = int(values[3])
+        used, skipped, grad_norm = int(values[2]), int(values[3]), values[6]
+        where = f"step {self.pos.step} (layer {layer}, phase step {self.pos.phase_step})"
+        fix = "lower lr or the coefficients, or pass --set on_nan=skip; no model was written"
         if skipped and self.cfg.on_nan == "stop":
-            raise NonFiniteLoss(f"non-finite loss at step {self.pos.step} (layer {layer}, phase step "
-                                f"{self.pos.phase_step}): forget_loss={values[4]}, retain_loss={values[5]}; "
-                                "lower lr or the coefficients, or pass --set on_nan=skip; no model was written")
-        self.pos.nan_skipped += skipped
-        self.opt.step()
+            raise NonFiniteLoss(f"non-finite loss at {where}: forget_loss={values[4]}, retain_loss={values[5]}; {fix}")
+        bad_grad = used > 0 and not math.isfinite(grad_norm)  # finite losses, yet the update would be NaN
+        if bad_grad and self.cfg.on_nan == "stop":
+            raise NonFiniteLoss(f"non-finite gradient at {where}: grad_norm={grad_norm} with finite losses "
+                                f"(forget_loss={_mean(values[0], used)}, retain_loss={_mean(values[1], used)}); {fix}")
+        self.pos.nan_skipped += skipped + (used if bad_grad else 0)
+        if used and not bad_grad:
+            self.opt.step()
+            self.phase_applied += 1
         self.opt.zero_grad(set_to_none=True)
         return values
 
@@ -279,16 +293,19 @@ class Unlearner:
                 self.opt = self._new_optimizer()  # empty AdamW moments, as a new HF Trainer per layer had
             bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.proc.is_main,
                        desc=f"phase {phase + 1}/{len(self.layers)} layer {layer}", dynamic_ncols=True)
+            self.phase_applied = self.pos.phase_step  # steps before a resume count as applied
             for _ in range(self.pos.phase_step, self.steps_per_phase):
                 line = self.optimizer_step(phase, layer)
                 self._log(line)
                 self.pos.phase_step += 1
                 self.pos.step += 1
                 bar.update(1)
+                skips = {"skipped": line["nan_skipped"]} if line["nan_skipped"] else {}
                 bar.set_postfix(forget=f"{line['forget_loss']:.3f}", retain=f"{line['retain_loss']:.3f}",
-                                fc=f"{line['forget_coef']:.1f}", rc=f"{line['retain_coef']:.2f}")
+                                fc=f"{line['forget_coef']:.1f}", rc=f"{line['retain_coef']:.2f}", **skips)
                 end = self.pos.phase_step == self.steps_per_phase
                 if end:
+                    self._check_phase_applied(phase, layer)
                     self.pos.phase, self.pos.phase_step = phase + 1, 0
                 if end or (self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0):
                     self.state.save_checkpoint(self.model, self.opt, self.pos)
@@ -297,6 +314,18 @@ class Unlearner:
             bar.close()
             if on_phase_end:
                 on_phase_end(self, phase, layer)
+
+    def _check_phase_applied(self, phase: int, layer: int) -> None:
+        """Refuse a phase none of whose steps was applied (all skipped as non-finite under ``on_nan: skip``).
+
+        Raises:
+            NonFiniteLoss: the phase left the model as it found it; the run cannot unlearn with these settings.
+        """
+        if self.phase_applied == 0:
+            raise NonFiniteLoss(f"every step of phase {phase + 1} (layer {layer}) was skipped as non-finite "
+                                f"({self.pos.nan_skipped} micro-batches skipped so far): training diverged; lower "
+                                "lr or the coefficients and start over with --overwrite (--resume would repeat "
+                                "the same steps); no model was written")
 
     def _log(self, line: dict) -> None:
         if not self.proc.is_main:
@@ -391,31 +420,64 @@ def _mean(total: float, n: int) -> float:
 
 
 def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
-    """Load and tokenize the forget and retain corpora of ``cfg``.
+    """Load and tokenize the forget and retain corpora of ``cfg``, counting what loading dropped or cut.
+
+    Rows skipped for an empty or null text and documents truncated at ``max_length`` are printed
+    (once, by the main process) and kept in :attr:`Batches.counts`. A corpus with fewer usable
+    documents than ``num_train_examples`` is a warning, not an error: the run trains on what there
+    is, and provenance.json and the model card record that number (``data_order: reference`` needs
+    them all: an error).
 
     Raises:
-        UserError: a corpus is unreachable, empty, or smaller than one global batch.
+        UserError: a corpus is unreachable, empty, has a non-string text, or is smaller than one global batch.
     """
-    out = {}
+    out, counts = {}, {}
     for kind in ("forget", "retain"):
         spec = CorpusSpec(getattr(cfg, f"{kind}_data"), getattr(cfg, f"{kind}_subset"),
                           getattr(cfg, f"{kind}_split"), tuple(getattr(cfg, f"{kind}_fields")))
         if cfg.data_order == "reference":
-            texts = load_texts_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.seed,
-                                            shuffles=2 if kind == "retain" else 0)
+            corpus = read_corpus_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.seed,
+                                              shuffles=2 if kind == "retain" else 0, what=f"{kind} corpus")
         else:
-            texts = load_texts(spec, limit=cfg.num_train_examples, seed=cfg.seed)
-        if len(texts) < cfg.global_batch_size:
-            raise UserError(f"the {kind} corpus has {len(texts)} examples, fewer than one global batch "
+            corpus = read_corpus(spec, limit=cfg.num_train_examples, seed=cfg.seed, what=f"{kind} corpus")
+        if len(corpus.texts) < cfg.global_batch_size:
+            raise UserError(f"the {kind} corpus has {len(corpus.texts)} examples, fewer than one global batch "
                             f"({cfg.global_batch_size}); add data or lower global_batch_size")
-        out[kind] = tokenize(texts, tokenizer, cfg.max_length)
-    return Batches(out["forget"], out["retain"], tokenizer.pad_token_id)
+        out[kind] = tokenize(corpus.texts, tokenizer, cfg.max_length)
+        counts[kind] = _corpus_counts(cfg, corpus, count_truncated(corpus.texts, out[kind], tokenizer, cfg.max_length))
+        _say_counts(f"{kind} corpus {spec.source}", counts[kind])
+    return Batches(out["forget"], out["retain"], tokenizer.pad_token_id, counts)
+
+
+def _corpus_counts(cfg: UnlearnConfig, corpus: Corpus, truncated: int) -> dict:
+    """What :func:`load_batches` records of one corpus (``corpora`` in provenance.json)."""
+    return {"rows": corpus.rows, "skipped_empty": corpus.skipped, "requested": cfg.num_train_examples,
+            "used": len(corpus.texts), "truncated": truncated, "max_length": cfg.max_length}
+
+
+def _say_counts(name: str, c: dict) -> None:
+    """Print (main process only) the rows a corpus lost, its truncated documents, and a shortfall."""
+    from sequnlearn.distributed import is_main
+    from sequnlearn.errors import warn
+
+    if not is_main():
+        return
+    parts = [f"{c['skipped_empty']} of {c['rows']} rows skipped (empty or null text)"] if c["skipped_empty"] else []
+    if c["truncated"]:
+        parts.append(f"{c['truncated']} of {c['used']} documents truncated to max_length {c['max_length']} tokens")
+    if parts:
+        print(f"{name}: {'; '.join(parts)}", flush=True)
+    if c["used"] < c["requested"]:
+        warn(f"{name} has {c['used']} usable documents, fewer than num_train_examples {c['requested']}; the run "
+             f"trains on {c['used']} per layer (provenance.json and the model card say so); add data, or set "
+             f"num_train_examples={c['used']} to silence this")
 
 
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
-    """Refuse to resume a run whose stored config differs from ``cfg``."""
-    stored = io.read_yaml(run.config, "run config")
-    diff = sorted(k for k in set(stored) | set(cfg.to_dict()) if stored.get(k) != cfg.to_dict().get(k))
+    """Refuse to resume a run whose stored config differs from ``cfg`` (a key the stored config lacks,
+    written before the key existed, counts as its default)."""
+    stored, now = with_defaults(io.read_yaml(run.config, "run config")), cfg.to_dict()
+    diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     if diff:
         raise UserError(f"--resume: the run in {run.root} has a different config ({', '.join(diff)}); "
                         "resume with the same config or start a new --out")
@@ -427,15 +489,19 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False, proc: Proc
     """Run all phases of ``cfg`` into the (prepared) run directory ``run``; returns it.
 
     ``proc``: this process (default: :meth:`Process.start`). ``on_checkpoint`` and ``on_phase_end``
-    are passed to :meth:`Unlearner.train`.
+    are passed to :meth:`Unlearner.train`. A finished run given with ``resume`` is returned as it is.
+    While the run is written, its directory's lock refuses a second writer.
+
+    Raises:
+        UserError: bad input; with ``resume``, a config, corpus or model that differs from the run's.
     """
-    from sequnlearn.model.load import check_positions, load_model
-    from sequnlearn.modelcard import write_model_card
-    from sequnlearn.runs import run_fingerprints
-    from sequnlearn.trackers import check_tracker, open_tracker
+    from sequnlearn.model.load import check_positions, load_model, model_fingerprint
+    from sequnlearn.runs import hold_lock, run_fingerprints
 
     if resume:
         check_resume(cfg, run)
+        if run.is_finished():
+            return run
     check_tracker(cfg.report_to)
     proc = proc or Process.start()
     torch.manual_seed(cfg.seed)  # LoRA initialisation
@@ -444,21 +510,34 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False, proc: Proc
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(proc.device), revision=cfg.revision)
     check_positions(model.config.to_dict(), cfg.max_length, cfg.model)
     engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, proc)
+    found = {**run_fingerprints(cfg, engine.data), "model": model_fingerprint(cfg.model, model)}
     prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(proc.device))
-    prov.update(run_fingerprints(cfg, engine.data))
     if resume:
+        check_resume_inputs(prov, found, run)
         engine.load_checkpoint()  # a damaged checkpoint stops here, before anything is written
         prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if proc.is_main:
             remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
+    prov.update(found)
     prov["num_processes"] = proc.world
     if proc.is_main:
         run.claim()
+    with hold_lock(run.root, main=proc.is_main and run.final is None):  # a replacement's lock is held on run.final
+        _train_and_save(engine, run, prov, on_checkpoint, on_phase_end)
+    return run
+
+
+def _train_and_save(engine: Unlearner, run: RunDir, prov: dict, on_checkpoint, on_phase_end) -> None:
+    """Write the config and provenance, train every phase, save the adapter and merged model, finish
+    the provenance and write the model card."""
+    from sequnlearn.modelcard import write_model_card
+
+    cfg, proc = engine.cfg, engine.proc
+    if proc.is_main:
         atomic_write_text(run.config, dump_yaml(cfg))
         write_json(run.provenance, prov)
     if cfg.report_to and proc.is_main:
-        engine.tracker = open_tracker(cfg.report_to, run.root.name, run.root,
-                                      {k: str(v) for k, v in cfg.to_dict().items()})
+        engine.tracker = open_tracker(cfg.report_to, run.name, run.root, {k: str(v) for k, v in cfg.to_dict().items()})
     engine.train(on_checkpoint, on_phase_end)
     engine.save()
     if proc.is_main:
@@ -466,6 +545,33 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False, proc: Proc
         prov["nan_skipped"] = engine.pos.nan_skipped
         write_json(run.provenance, prov)
         write_model_card(run)
+        if engine.pos.nan_skipped:
+            print(skipped_note(engine.pos.nan_skipped))
     if engine.tracker is not None:
         engine.tracker.finish()
-    return run
+
+
+def skipped_note(n: int) -> str:
+    """The line that reports ``n`` micro-batches skipped as non-finite (``on_nan: skip``)."""
+    return (f"warning: {n} micro-batch{'es' if n != 1 else ''} skipped as non-finite (on_nan: skip); the model "
+            "was trained without them: check metrics.jsonl, and lower lr or the coefficients")
+
+
+def check_resume_inputs(stored: dict, found: dict, run: RunDir) -> None:
+    """Refuse to resume a run whose corpora or model changed since it started.
+
+    ``stored``: the run's ``provenance.json``; ``found``: the fingerprints of what this command loaded
+    (``data`` per corpus, ``model``). Fingerprints the stored provenance lacks (older runs) are not checked.
+
+    Raises:
+        UserError: a corpus's token ids or the model's weights differ from the run's.
+    """
+    changed = [f"the {kind} corpus" for kind, fp in (found.get("data") or {}).items()
+               if kind in (stored.get("data") or {}) and stored["data"][kind] != fp]
+    old, new = stored.get("model"), found.get("model")
+    if old is not None and {k: v for k, v in old.items() if k != "source"} != {k: v for k, v in new.items()
+                                                                                if k != "source"}:
+        changed.append("the model's weights")
+    if changed:
+        raise UserError(f"--resume: {' and '.join(changed)} differ from what the run in {run.root} started with "
+                        "(provenance.json); resume with the same inputs, or start a new --out")

@@ -18,6 +18,7 @@ from sequnlearn import io
 from sequnlearn.distributed import Process, full_state, load_full_state
 from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
+from sequnlearn.model.load import save_tokenizer
 from sequnlearn.runs import RunDir, atomic_dir, atomic_path, atomic_write_text
 
 
@@ -70,8 +71,10 @@ class RunState:
         from peft import set_peft_model_state_dict
 
         path = self.run.checkpoints / "state.pt"
-        if not path.is_file():
-            return None  # killed before the first checkpoint: start from the beginning
+        if not path.is_file():  # killed before the first checkpoint: start from the beginning
+            if self.proc.is_main:
+                _truncate_lines(self.run.metrics, 0)
+            return None
         # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
         # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
         state = io.load_torch(path, "checkpoint", keys=("adapter", "optimizer", "position", "metrics_lines"))
@@ -100,12 +103,35 @@ class RunState:
             return
         if self.fsdp:
             model = unsharded_copy(model_sd)
-        with atomic_dir(self.run.adapter) as tmp:
-            model.save_pretrained(str(tmp))
+        _refuse_nonfinite(model, self.run)  # before anything is written
+        with atomic_dir(self.run.adapter) as tmp:  # base model by absolute path or hub id, and our README
+            lora.save_adapter(model, tmp, io.read_yaml(self.run.config, "run config"), self.run.name)
         merged = lora.merge_adapter(model)
+        _refuse_nonfinite(merged, self.run)  # a merge that overflows (fp16) takes the adapter back
         with atomic_dir(self.run.model) as tmp:
             merged.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
+            save_tokenizer(tokenizer, tmp)  # without the truncation at max_length that training left on it
+
+
+def _refuse_nonfinite(model, run: RunDir) -> None:
+    """Refuse to save a model whose weights are not all finite; an ``adapter/`` already saved is removed.
+
+    Raises:
+        NonFiniteModel: a weight is NaN or infinite (the run diverged; no model/ is written).
+    """
+    import shutil
+
+    from sequnlearn.eval import NonFiniteModel, nonfinite_tensors
+
+    bad, total = nonfinite_tensors(model)
+    if not bad:
+        return
+    if run.adapter.exists():
+        shutil.rmtree(run.adapter)
+    raise NonFiniteModel(f"the unlearned model has non-finite weights (NaN or inf) in {len(bad)} of {total} tensors "
+                         f"(first: {bad[0]}): training diverged; lower lr or the coefficients (remove_coef, "
+                         "retain_coef) and start over with --overwrite (--resume would repeat it); no model/ or "
+                         "adapter/ was written")
 
 
 def _count_lines(path: Path) -> int:
@@ -116,7 +142,28 @@ def _count_lines(path: Path) -> int:
 
 
 def _truncate_lines(path: Path, n: int) -> None:
+    """Keep the first ``n`` lines of ``metrics.jsonl`` (those the checkpoint counted); a line cut by a
+    kill after them is dropped with the rest.
+
+    Raises:
+        UserError: one of the ``n`` lines is missing, cut or not JSON (the file was damaged).
+    """
+    import json
+
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:n]
-    atomic_write_text(path, "".join(lines))
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    kept = lines[:n]
+    for i, line in enumerate(kept, 1):
+        try:
+            whole = line.endswith("\n") and isinstance(json.loads(line), dict)
+        except json.JSONDecodeError:
+            whole = False
+        if not whole:
+            raise UserError(f"--resume: {path} line {i} is cut or damaged, but the checkpoint counts {n} whole lines; "
+                            "restore the file, or start the run over with --overwrite")
+    if len(kept) < n:
+        raise UserError(f"--resume: {path} has {len(kept)} lines but the checkpoint counts {n}; restore the file, or "
+                        "start the run over with --overwrite")
+    if len(lines) != n or (lines and not lines[-1].endswith("\n")):
+        atomic_write_text(path, "".join(kept))
