@@ -260,7 +260,7 @@ def _cli_error(argv: list[str], capsys) -> str:
 def test_cli_bad_mcq_file(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 5}) + "\n")
-    err = _cli_error(["eval", str(model_dir), "--data", str(bad)], capsys)
+    err = _cli_error(["eval", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "e.json")], capsys)
     assert "answer index 5 is out of range for 2 choices" in err and "line 1" in err
 
 
@@ -273,7 +273,7 @@ def test_cli_unreachable_hub_task(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    err = _cli_error(["eval", str(model_dir), "--tasks", "wmdp_bio"], capsys)
+    err = _cli_error(["eval", str(model_dir), "--tasks", "wmdp_bio", "--out", str(tmp_path / "e.json")], capsys)
     assert "task wmdp_bio is not reachable on the hub" in err and "--data-dir" in err and "wmdp_bio.jsonl" in err
 
 

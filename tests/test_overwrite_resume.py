@@ -282,3 +282,65 @@ def test_a_diverging_attack_is_an_error_not_a_score(tmp_path, attack_args, monke
     _refused([*attack_args, "--out", out], capsys, "(lr 0.002, seed 42) diverged after step 0")
     saved = json.loads((out / "tamper.json").read_text())
     assert len(saved["runs"]) == 1 and saved["diverged"]["lr"] == 2e-3 and not (out / "tamper.md").exists()
+
+
+def test_tamper_resume_with_other_models_is_refused(tmp_path, attack_args, capsys, snapshot):
+    out = tmp_path / "t"
+    assert _run([*attack_args, "--out", out], capsys)[0] == 0
+    before = snapshot(out)
+    other = [a if a != "tiny:gpt_neox" else "tiny:llama" for a in attack_args]
+    _refused([*other, "--out", out, "--resume"], capsys, "was made with other models (tiny:gpt_neox)")
+    assert snapshot(out) == before
+
+
+def test_ctrl_c_in_a_sweep_is_one_line_that_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from sequnlearn import sweep
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_point", interrupted)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\nbase: tiny\ngrid:\n  lr: [0.001]\neval:\n  forget_task: {MCQ}\n")
+    code, _, err = _run(["sweep", spec, "--out", tmp_path / "out"], capsys)
+    assert code == 130 and "Traceback" not in err
+    assert err.strip() == "sequnlearn sweep: interrupted (run the same command again: finished points are kept, " \
+                          "an interrupted one resumes)"
+
+
+def test_a_run_being_built_or_replaced_is_no_result_of_the_report(world, tmp_path, capsys):
+    from sequnlearn.report import collect
+
+    runs = tmp_path / "runs"
+    shutil.copytree(world["run"], runs / "a")
+    shutil.copytree(world["run"], runs / ".a.new.tmp")
+    for d in (runs / "a", runs / ".a.new.tmp"):
+        (d / "eval.json").write_text(json.dumps({"forget_acc": 0.3, "retain_acc": 0.8}))
+    found, _ = collect([runs])
+    assert [Path(r["path"]).name for r in found] == ["a"]
+
+
+def test_a_swap_killed_between_its_renames_is_refused_until_the_run_is_back(world, tmp_path, capsys, snapshot):
+    aside = tmp_path / ".run.old.tmp"
+    shutil.copytree(world["run"], aside)
+    before = snapshot(tmp_path)
+    _refused(["unlearn", "--preset", "tiny", "--out", tmp_path / "run", "--overwrite"], capsys,
+             f"the previous one is in {aside}; rename it back")
+    assert snapshot(tmp_path) == before
+
+
+def test_an_eval_of_a_run_replaced_meanwhile_writes_nothing(world, tmp_path, monkeypatch, capsys, snapshot):
+    from sequnlearn import cli
+
+    run = _copy(world, "replaced-during-eval")
+    real = cli._evaluate
+
+    def evaluate_while_replaced(args, tasks):
+        result = real(args, tasks)
+        prov = run / "provenance.json"
+        prov.write_text(prov.read_text().replace('"end_time"', '"end_time_"'))  # as unlearn --overwrite would
+        return result
+
+    monkeypatch.setattr(cli, "_evaluate", evaluate_while_replaced)
+    _refused(["eval", run, "--data", MCQ, "--limit", "4"], capsys, "was replaced while its model was evaluated")
+    assert not (run / "eval.json").exists()

@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"sequnlearn {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # commands with something to resume say so themselves
+        again = " (run the same command again: finished points are kept, an interrupted one resumes)" \
+            if args.command == "sweep" else ""
+        print(f"\nsequnlearn {args.command}: interrupted{again}", file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # `sequnlearn report ... | head`: the reader left; not an error of ours
         sys.stderr.close()
         sys.exit(0)
@@ -125,7 +130,8 @@ def cmd_unlearn(args) -> None:
             unlearn(cfg, RunDir(out), resume=args.resume, proc=proc)
     except KeyboardInterrupt:
         what = (f"the previous run in {out} is as it was" if replace else
-                f"continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume")
+                f"continue with: sequnlearn unlearn {_source_args(args)} --out {args.out} --resume"
+                if RunDir(out).is_run() else "the run had not started; nothing was written")
         print(f"\ninterrupted; {what}", file=sys.stderr)
         sys.exit(130)
     except UserError as e:
@@ -180,17 +186,19 @@ def cmd_eval(args) -> None:
     replaced without ``--overwrite``. Ctrl-C writes nothing.
     """
     from sequnlearn.eval import check_options, format_table, load_tasks, parse_tasks
-    from sequnlearn.results import check_new_tasks
+    from sequnlearn.model.load import resolve_device
+    from sequnlearn.results import check_new_tasks, destination, existing, run_stamp, write_results
 
     check_options(args.backend, args.style, args.limit, args.batch_size, args.num_fewshot)
     if args.data and args.data == args.retain_data:
         raise UserError(f"{args.data} is given as both --data (forget) and --retain-data (retain); give it once")
     names = parse_tasks([t for t in (args.tasks or "").split(",")] + [f for f in (args.data, args.retain_data) if f])
+    resolve_device(args.device)
+    out, home = destination(args.model, args.out)
     try:
         tasks = load_tasks(names, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
-        out, home = _eval_out(args)
-        check_new_tasks(_existing_results(out, args.model, home, args.overwrite), [t.name for t in tasks], out,
-                        args.overwrite)
+        check_new_tasks(existing(out, args.model, home, args.overwrite), [t.name for t in tasks], out, args.overwrite)
+        before = run_stamp(home)
         results = _evaluate(args, tasks)
     except KeyboardInterrupt:
         print("\ninterrupted; nothing was written", file=sys.stderr)
@@ -198,7 +206,7 @@ def cmd_eval(args) -> None:
     print(format_table(results))
     roles = {t.name: "retain" if n == args.retain_data else "forget" if n == args.data else None
              for n, t in zip(names, tasks)}
-    _write_eval(out, args, home, tasks, roles, results)
+    write_results(out, args.model, home, tasks, roles, results, overwrite=args.overwrite, stamp=before)
     print(f"wrote {out}")
     _update_card(args.model, out)
 
@@ -221,100 +229,6 @@ def _evaluate(args, tasks: list) -> dict:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     return evaluate(model, tokenizer, tasks, backend=args.backend, style=args.style, limit=args.limit,
                     batch_size=args.batch_size, num_fewshot=args.num_fewshot)
-
-
-def _eval_out(args) -> tuple[Path, Path | None]:
-    """Where ``eval`` writes (``--out``, else ``eval.json`` beside the model's ``model/``) and the directory
-    whose results the model's are (a run directory, or one holding ``model/``; else ``None``); creates nothing.
-
-    Raises:
-        UserError: no ``--out`` for a model that is not in a run directory, or an ``--out`` that is a
-            directory, lies below a regular file, cannot be written, or is being written by another command.
-    """
-    from sequnlearn.runs import RunDir, check_unlocked, check_writable, run_of_model
-
-    run, p = run_of_model(args.model), Path(args.model)
-    home = run.root if run is not None else p if RunDir(p).is_finished() else None
-    if args.out is None and home is None:
-        unfinished = RunDir(p).is_run()
-        raise UserError(f"{args.model} is " + ("a run that has not finished (no model/config.json); finish it with "
-                                               "`sequnlearn unlearn ... --resume`, or" if unfinished else
-                                               "not a run directory;") + " say where to write with --out FILE")
-    out = Path(args.out) if args.out else home / "eval.json"
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a file path, e.g. --out {out / 'eval.json'}")
-    check_writable(out)
-    if out.exists():
-        check_writable(out.parent)  # the file is replaced by a rename: its directory must be writable
-    check_unlocked(out.parent)
-    return out, home
-
-
-def _existing_results(out: Path, model: str, home: Path | None, overwrite: bool) -> dict:
-    """The results in ``out`` that ``eval`` merges into: ``{}`` when there are none, or when ``overwrite``
-    replaces a file that is damaged, not an ``eval.json`` or of another model.
-
-    Args:
-        home: the directory the evaluated model belongs to (:func:`_eval_out`); its ``eval.json`` is its own.
-
-    Raises:
-        UserError: ``out`` is another run's ``eval.json``; or, without ``overwrite``, ``out`` is damaged,
-            not an ``eval.json`` or holds the results of another model.
-    """
-    from sequnlearn import io
-    from sequnlearn.results import is_results_file
-    from sequnlearn.runs import RunDir
-
-    own = home is not None and out.resolve() == (home / "eval.json").resolve()
-    if out.name == "eval.json" and RunDir(out.parent).is_run() and not own:
-        raise UserError(f"--out {out} is the results file of the run {out.parent}, not of {model}; choose another --out")
-    if not out.exists():
-        return {}
-    try:
-        ev = io.read_json(out, "results file")
-    except UserError as e:
-        if overwrite:
-            return {}
-        raise UserError(f"{e} (or pass --overwrite to replace it)") from None
-    if not is_results_file(ev):
-        if overwrite:
-            return {}
-        raise UserError(f"--out {out} exists and holds no evaluation results; pass --overwrite to replace it, or "
-                        "choose another --out")
-    if not own and "model" in ev and _model_key(str(ev["model"])) != _model_key(model):
-        if overwrite:
-            return {}
-        raise UserError(f"{out} holds results of {ev['model']}, not {model}: pass --overwrite to replace the file, "
-                        "or choose another --out")
-    return ev
-
-
-def _model_key(model: str) -> str:
-    """What tells two model arguments apart: a local model's resolved directory (a run's model/), else the id."""
-    from sequnlearn.runs import run_of_model
-
-    p = Path(model)
-    if not p.exists():
-        return model
-    run = run_of_model(p)
-    return str((run.model if run is not None else p).resolve())
-
-
-def _write_eval(out: Path, args, home: Path | None, tasks: list, roles: dict, results: dict) -> None:
-    """Merge ``results`` into ``out`` by task (see :mod:`sequnlearn.results`), under a lock on its
-    directory and after reading it again: an ``eval`` that wrote it meanwhile keeps its tasks."""
-    from sequnlearn.eval import chance_level
-    from sequnlearn.results import TASK_SETTINGS, check_new_tasks, locked, merge, task_entry, task_role
-    from sequnlearn.runs import write_json
-
-    settings = {k: results[k] for k in TASK_SETTINGS}
-    entries = {t.name: task_entry(results["tasks"][t.name], settings,
-                                  roles.get(t.name) or task_role(t.name, {}), chance_level(t)) for t in tasks}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with locked(out.parent):
-        current = _existing_results(out, args.model, home, args.overwrite)
-        check_new_tasks(current, list(entries), out, args.overwrite)
-        write_json(out, merge(current, entries, results, args.model))
 
 
 # ---------------------------------------------------------------- tamper
@@ -354,7 +268,7 @@ def _add_tamper(sub) -> None:
 def cmd_tamper(args) -> None:
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import inspect_model, load_model, model_source, resolve_device
-    from sequnlearn.tamper import tamper
+    from sequnlearn.tamper import previous_result, tamper
 
     run_cfg = _first_run_config(args.models)
     flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
@@ -374,11 +288,12 @@ def cmd_tamper(args) -> None:
     resolve_device(args.device)
     out = Path(args.out)
     inputs = [*sources.values(), base_src, cfg.data, cfg.forget_task, cfg.retain_task, cfg.benign_data]
-    previous = _tamper_previous(out, args, cfg) if args.resume else None
-    if previous == "finished":
-        return
     proc = _processes()  # under `accelerate launch`: one slice of each batch per process
     _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite, kind="tamper", inputs=inputs)
+    previous = previous_result(out, list(sources), cfg) if args.resume else None
+    if args.resume and previous is None:
+        print(f"{out} holds a finished tamper result; nothing to resume, nothing changed")
+        return
     device = str(proc.device) if args.device == "auto" and proc.world > 1 else args.device
     loaders = {label: (lambda s=src: load_model(s, dtype=cfg.weights_dtype(), device=device))
                for label, src in sources.items()}
@@ -392,31 +307,10 @@ def cmd_tamper(args) -> None:
     print(f"wrote {out}/tamper.json, tamper.png, tamper.md (worst case {result['worst_case']['forget_acc']:.4f})")
 
 
-def _tamper_previous(out: Path, args, cfg) -> dict | str:
-    """The interrupted ``tamper.json`` that ``--resume`` continues, or ``"finished"`` (said on stdout)
-    when every planned attack is already in it.
-
-    Raises:
-        UserError: no tamper result in ``out``, or one made with another config.
-    """
-    from sequnlearn import io
-    from sequnlearn.runs import check_out_dir
-    from sequnlearn.tamper import check_resumable, planned_attacks
-
-    check_out_dir(out, resume=True, kind="tamper")
-    previous = io.read_json(out / "tamper.json", "tamper result", kind=dict)
-    check_resumable(previous, cfg, out)
-    if ("interrupted" not in previous and (out / "tamper.md").is_file()
-            and len(previous.get("runs", [])) >= planned_attacks(len(args.models), cfg)):
-        print(f"{out} holds a finished tamper result; nothing to resume, nothing changed")
-        return "finished"
-    return previous
-
-
 def _run_tamper(args, out: Path, proc, run) -> dict:
-    """``run(directory)`` into ``out``, or, replacing an earlier result (``--overwrite``), into a staging
-    directory swapped in at the end; Ctrl-C is one line with the command that resumes."""
-    from sequnlearn.runs import is_replacement, replacing
+    """``run(directory)`` into ``out`` under its lock, or, replacing an earlier result (``--overwrite``),
+    into a staging directory swapped in at the end; Ctrl-C is one line with the command that resumes."""
+    from sequnlearn.runs import hold_lock, is_replacement, replacing
     from sequnlearn.tamper import TamperInterrupted
 
     replace = args.overwrite and not args.resume and is_replacement(out)
@@ -424,15 +318,15 @@ def _run_tamper(args, out: Path, proc, run) -> dict:
         if replace:
             with replacing(out, main=proc.is_main) as stage:
                 return run(stage)
-        return run(out)
-    except KeyboardInterrupt as e:
+        with hold_lock(out, main=proc.is_main and out.is_dir()):  # a new --out appears with tamper.json
+            return run(out)
+    except TamperInterrupted as e:
         if replace:
             print(f"\ninterrupted; the previous result in {out} is as it was", file=sys.stderr)
         else:
-            done = f" after {e.done} of {e.total} attacks" if isinstance(e, TamperInterrupted) else ""
             argv = shlex.join(a for a in args.argv if a not in ("--overwrite", "--resume"))
-            print(f"\ninterrupted{done} (kept in {out}/tamper.json); continue with: sequnlearn {argv} --resume",
-                  file=sys.stderr)
+            print(f"\ninterrupted after {e.done} of {e.total} attacks (kept in {out}/tamper.json); continue with: "
+                  f"sequnlearn {argv} --resume", file=sys.stderr)
         sys.exit(130)
 
 

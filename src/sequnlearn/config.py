@@ -387,6 +387,13 @@ def with_defaults(stored: dict, cls=None) -> dict[str, Any]:
     return {**defaults(cls or UnlearnConfig), **stored}
 
 
+def changed_keys(stored: dict, cfg) -> list[str]:
+    """The keys whose value in a stored config (``config.yaml``, ``tamper.json``'s ``config``) differs from
+    ``cfg``'s, sorted; a key the stored config lacks (added after it was written) counts as its default."""
+    stored, now = with_defaults(stored, type(cfg)), asdict(cfg)
+    return sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+
+
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         shown = ", ".join("null" if a is None else str(a) for a in allowed)

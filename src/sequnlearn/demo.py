@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, read_jsonl, write_json
 
 METRIC = "cloze_acc"
@@ -57,15 +58,30 @@ def _both_styles(model, tokenizer, tasks: dict) -> tuple[dict, dict]:
     return _accuracy(model, tokenizer, tasks), _accuracy(model, tokenizer, tasks, style="letter")
 
 
+def _fresh(path: Path, kind: str) -> Path:
+    """The demo's own ``unlearn/`` or ``tamper/`` directory, emptied of an earlier demo's result (a
+    directory that is not one is refused, and left as it is).
+
+    Raises:
+        UserError: ``path`` holds something else than a result of ``kind``.
+    """
+    from sequnlearn.runs import prepare_out_dir
+
+    try:
+        return prepare_out_dir(path, overwrite=True, kind=kind)
+    except UserError as e:
+        raise UserError(f"demo --out {path.parent}: {path.name}/ is not an earlier demo's (left as it is: {e}); "
+                        "choose another --out") from None
+
+
 def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict], list[dict]]:
     """Unlearn with the preset, evaluating (and auditing, forget set) the model in memory after every phase."""
     from sequnlearn.config import load_config
-    from sequnlearn.runs import prepare_out_dir
     from sequnlearn.unlearn.engine import unlearn
 
     world = [f"model={paths.model}", f"forget_data={paths.forget_corpus}", f"retain_data={paths.retain_corpus}"]
     cfg = load_config(preset=opts.unlearn_preset, overrides=world + list(opts.unlearn_overrides))
-    run = RunDir(prepare_out_dir(opts.out / "unlearn", overwrite=True))
+    run = RunDir(_fresh(opts.out / "unlearn", "unlearn"))
     phases: list[dict] = []
     audits: list[dict] = []
 
@@ -87,7 +103,6 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tup
     attacked ``(model, tokenizer)`` (the first attack's, trained in place)."""
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import load_model
-    from sequnlearn.runs import prepare_out_dir
     from sequnlearn.tamper import tamper
 
     if opts.tamper_preset is None:
@@ -96,7 +111,7 @@ def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tup
     world = [f"data={paths.forget_corpus}", f"forget_task={paths.forget_mcq}", f"retain_task={paths.retain_mcq}",
              f"benign_data={paths.retain_corpus}"]
     cfg = load_config(TamperConfig, preset=opts.tamper_preset, overrides=world + list(opts.tamper_overrides))
-    out = prepare_out_dir(opts.out / "tamper", overwrite=True, kind="tamper")
+    out = _fresh(opts.out / "tamper", "tamper")
     unlearned = opts.out / "unlearn" / "model"
     attacked: list[tuple] = []
 

@@ -58,14 +58,10 @@ def read_bytes(path: PathLike, what: str = "file", *, size: int = -1) -> bytes:
     try:
         with open(p, "rb") as f:
             return f.read(size)
-    except FileNotFoundError:
-        raise UserError(f"{what} {p} does not exist; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {p} is a directory; give the path of a file") from None
-    except PermissionError:
-        raise UserError(f"{what} {p} cannot be read (permission denied); check its permissions") from None
-    except OSError as e:
-        raise UserError(f"{what} {p} cannot be read ({e.strerror or e}); check the file") from None
+    except OSError as e:  # gone or changed since check_file looked, or not readable
+        if isinstance(e, (FileNotFoundError, IsADirectoryError)):
+            check_file(p, what)
+        raise UserError(f"{what} {p} cannot be read ({e.strerror or e}); check its permissions") from None
 
 
 def decode(data: bytes, path: PathLike, what: str = "file") -> str:

@@ -241,7 +241,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
 
     runs, baselines = [], []
     for root in dirs:
-        for ev_path in sorted(Path(root).rglob("eval.json"), key=_natural):
+        for ev_path in sorted(found(root, "eval.json"), key=_natural):
             ev = read_json(ev_path)
             if not is_results_file(ev):
                 continue
@@ -253,6 +253,12 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
                 runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
                              "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
     return runs, baselines
+
+
+def found(root: Path, name: str) -> list[Path]:
+    """The files called ``name`` under ``root``, at any depth, outside hidden directories (a run being
+    built or replaced, ``.NAME.new.tmp``, is not a result)."""
+    return [p for p in Path(root).rglob(name) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
 def _natural(path: Path) -> list:
@@ -613,9 +619,9 @@ def write_report(dirs: list[Path], out: Path) -> dict:
         raise UserError(f"{missing[0]} does not exist; give run, sweep or tamper directories")
     runs, baselines = collect(dirs)
     baselines = _distinct_baselines(baselines)
-    tampers = [(p, read_json(p)) for d in dirs for p in sorted(Path(d).rglob("tamper.json"))]
+    tampers = [(p, read_json(p)) for d in dirs for p in sorted(found(d, "tamper.json"))]
     tampers = [(p, t) for p, t in tampers if isinstance(t, dict) and t.get("runs")]
-    if not runs and not tampers and not any(p for d in dirs for p in Path(d).rglob("audit.json")):
+    if not runs and not tampers and not any(p for d in dirs for p in found(d, "audit.json")):
         raise UserError(f"nothing to report under {', '.join(map(str, dirs))}: no finished run (config.yaml + "
                         "eval.json with a forget accuracy), no tamper.json, no audit.json; evaluate a run with "
                         "`sequnlearn eval RUN --tasks wmdp_bio_robust,mmlu` (or --data FILE), or run a sweep first")

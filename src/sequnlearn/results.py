@@ -24,11 +24,9 @@ records ``forget`` for ``--data`` and ``retain`` for ``--retain-data``.
 from __future__ import annotations
 
 import math
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from sequnlearn.errors import UserError
 
@@ -169,19 +167,112 @@ def with_headline(ev: dict) -> dict:
     return {**ev, **{k: v for k, v in headline(ev).items() if ev.get(k) is None}}
 
 
-@contextmanager
-def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``directory`` (waiting for it) while the block reads, merges and
-    writes a file there, so that two ``eval`` runs finishing together both keep their tasks. Where the
-    filesystem has no ``flock`` the block runs unlocked."""
-    import fcntl
+def destination(model: str, out: str | None) -> tuple[Path, Path | None]:
+    """Where ``eval`` writes (``out``, else ``eval.json`` beside the model's ``model/``) and the directory
+    whose results the model's are (a run directory, or one holding ``model/``; else ``None``); creates nothing.
 
-    fd = os.open(directory, os.O_RDONLY)
+    Raises:
+        UserError: no ``out`` for a model that is not in a run directory, or an ``out`` that is a
+            directory, lies below a regular file, cannot be written, or is being written by another command.
+    """
+    from sequnlearn.runs import RunDir, check_unlocked, check_writable, run_of_model
+
+    run, p = run_of_model(model), Path(model)
+    home = run.root if run is not None else p if RunDir(p).is_finished() else None
+    if out is None and home is None:
+        unfinished = RunDir(p).is_run()
+        raise UserError(f"{model} is " + ("a run that has not finished (no model/config.json); finish it with "
+                                          "`sequnlearn unlearn ... --resume`, or" if unfinished else
+                                          "not a run directory;") + " say where to write with --out FILE")
+    dest = Path(out) if out else home / "eval.json"
+    if dest.is_dir():
+        raise UserError(f"--out {dest} is a directory; give a file path, e.g. --out {dest / 'eval.json'}")
+    check_writable(dest)
+    check_unlocked(dest.parent)
+    return dest, home
+
+
+def existing(out: Path, model: str, home: Path | None, overwrite: bool) -> dict:
+    """The results in ``out`` that ``eval`` merges into: ``{}`` when there are none, or when ``overwrite``
+    replaces a file that is damaged, not an ``eval.json`` or of another model.
+
+    Args:
+        home: the directory the evaluated model belongs to (:func:`destination`); its ``eval.json`` is its own.
+
+    Raises:
+        UserError: ``out`` is another run's ``eval.json``; or, without ``overwrite``, ``out`` is damaged,
+            not an ``eval.json`` or holds the results of another model.
+    """
+    from sequnlearn import io
+    from sequnlearn.runs import RunDir
+
+    own = home is not None and out.resolve() == (home / "eval.json").resolve()
+    if out.name == "eval.json" and RunDir(out.parent).is_run() and not own:
+        raise UserError(f"--out {out} is the results file of the run {out.parent}, not of {model}; choose another --out")
+    if not out.exists():
+        return {}
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(fd)
+        ev = io.read_json(out, "results file")
+    except UserError as e:
+        if overwrite:
+            return {}
+        raise UserError(f"{e} (or pass --overwrite to replace it)") from None
+    if not is_results_file(ev):
+        if overwrite:
+            return {}
+        raise UserError(f"--out {out} exists and holds no evaluation results; pass --overwrite to replace it, or "
+                        "choose another --out")
+    if not own and "model" in ev and _model_key(str(ev["model"])) != _model_key(model):
+        if overwrite:
+            return {}
+        raise UserError(f"{out} holds results of {ev['model']}, not {model}: pass --overwrite to replace the file, "
+                        "or choose another --out")
+    return ev
+
+
+def _model_key(model: str) -> str:
+    """What tells two model arguments apart: a local model's resolved directory (a run's model/), else the id."""
+    from sequnlearn.runs import run_of_model
+
+    p = Path(model)
+    if not p.exists():
+        return model
+    run = run_of_model(p)
+    return str((run.model if run is not None else p).resolve())
+
+
+def run_stamp(home: Path | None) -> str | None:
+    """What identifies the run a model belongs to (its ``provenance.json``'s bytes, hashed): a run replaced
+    (``unlearn --overwrite``) while it was evaluated has another."""
+    import hashlib
+
+    path = home / "provenance.json" if home is not None else None
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else None
+
+
+def write_results(out: Path, model: str, home: Path | None, tasks: list, roles: dict, results: dict, *,
+                  overwrite: bool, stamp: str | None) -> None:
+    """Merge an evaluation's ``results`` into ``out`` by task, under ``out``'s directory lock (waiting for
+    another ``eval`` that writes it) and after reading it again, so that both keep their tasks.
+
+    Args:
+        roles: task name → ``forget`` / ``retain`` given on the command line (else :func:`task_role`).
+        stamp: :func:`run_stamp` of ``home`` before the model was loaded.
+
+    Raises:
+        UserError: the run was replaced while its model was evaluated, or a task would be replaced
+            without ``overwrite``.
+    """
+    from sequnlearn.eval import chance_level
+    from sequnlearn.runs import hold_lock, write_json
+
+    settings = {k: results[k] for k in TASK_SETTINGS}
+    entries = {t.name: task_entry(results["tasks"][t.name], settings, roles.get(t.name) or task_role(t.name, {}),
+                                  chance_level(t)) for t in tasks}
+    with hold_lock(out.parent, wait=True):
+        if run_stamp(home) != stamp:
+            raise UserError(f"the run {home} was replaced while its model was evaluated; nothing was written: "
+                            "evaluate the new run")
+        current = existing(out, model, home, overwrite)
+        check_new_tasks(current, list(entries), out, overwrite)
+        write_json(out, merge(current, entries, results, model))

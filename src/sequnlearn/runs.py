@@ -272,6 +272,10 @@ def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
+    aside = out.with_name(f".{out.name}.old.tmp")
+    if aside.is_dir() and not out.exists():
+        raise UserError(f"--out {out}: a replacement was killed as it swapped the runs, and the previous one is in "
+                        f"{aside}; rename it back to {out} (or delete it), then run the command again")
     check_writable(out)
     check_unlocked(out)
     if resume:
@@ -307,23 +311,46 @@ def staging_path(out: str | os.PathLike) -> Path:
 def replacing(out: str | os.PathLike, *, main: bool = True) -> Iterator[Path]:
     """Build a replacement of the directory ``out`` in :func:`staging_path` and swap it in when the
     block succeeds; on any failure (Ctrl-C included) the staging directory is removed and ``out`` is as
-    it was. ``main``: this process writes (others only use the path)."""
+    it was. ``out``'s lock is held throughout. ``main``: this process writes (others only use the path)."""
     out = Path(out)
     stage = staging_path(out)
-    if main and stage.exists():
-        shutil.rmtree(stage)  # left by a replacement that was killed: never a result
-    try:
-        with hold_lock(out, main=main):
+    with hold_lock(out, main=main):
+        try:
+            if main and stage.exists():
+                shutil.rmtree(stage)  # left by a replacement that was killed: never a result
             yield stage
             if main:
                 swap_in(stage, out)
-    finally:
-        if main and stage.exists():
-            shutil.rmtree(stage)
+        finally:
+            if main and stage.exists():
+                shutil.rmtree(stage)
 
 
 LOCK_NAME = ".sequnlearn.lock"
 """The lock file inside an output directory while a command writes it."""
+
+
+def _locked_by_other(out: Path) -> UserError:
+    return UserError(f"{out} is being written by another sequnlearn command ({out / LOCK_NAME} is locked); wait for "
+                     "it to finish or choose another --out")
+
+
+def _flock(fd: int, mode: int, out: Path) -> bool:
+    """``flock`` ``fd``; False when another process holds the lock, True when taken or when the filesystem
+    has no ``flock`` (some network filesystems: then said once, and nothing is locked)."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, mode)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        from sequnlearn.errors import warn
+
+        warn(f"{out}: this filesystem cannot lock files ({e.strerror or e}); make sure no other sequnlearn "
+             "command writes the same directory")
+        return True
 
 
 def check_unlocked(out: str | os.PathLike) -> None:
@@ -334,28 +361,28 @@ def check_unlocked(out: str | os.PathLike) -> None:
     """
     import fcntl
 
-    path = Path(out) / LOCK_NAME
+    out = Path(out)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(out / LOCK_NAME, os.O_RDONLY)
     except OSError:
         return  # no lock file: nobody writes it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UserError(f"{out} is being written by another sequnlearn command ({path} is locked); wait for it to "
-                        "finish or choose another --out") from None
+        if not _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, out):
+            raise _locked_by_other(out)
     finally:
         os.close(fd)
 
 
 @contextmanager
-def hold_lock(out: str | os.PathLike, *, main: bool = True) -> Iterator[None]:
-    """Hold ``out``'s lock file (created with ``out``) while the block writes; a second writer is refused.
+def hold_lock(out: str | os.PathLike, *, main: bool = True, wait: bool = False) -> Iterator[None]:
+    """Hold ``out``'s lock file (``out`` is created if need be) while the block writes; a second writer is
+    refused, or with ``wait`` waits for the first.
 
-    The lock is an ``flock``: it ends with the process, so a killed command leaves no stale lock.
+    The lock is an ``flock``: it ends with the process, so a killed command leaves no stale lock; the
+    lock file is removed when the block ends.
 
     Raises:
-        UserError: another process holds it.
+        UserError: another process holds it (without ``wait``).
     """
     import fcntl
 
@@ -367,18 +394,14 @@ def hold_lock(out: str | os.PathLike, *, main: bool = True) -> Iterator[None]:
     path = out / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB), out):
             os.close(fd)
-            raise UserError(f"{out} is being written by another sequnlearn command ({path} is locked); wait for it "
-                            "to finish or choose another --out") from None
+            raise _locked_by_other(out)
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
         except FileNotFoundError:
-            same = False
-        if same:
-            break
+            pass
         os.close(fd)  # the holder before us removed the file as we opened it: lock the new one
     try:
         yield

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from sequnlearn.config import TamperConfig
-from sequnlearn.data.corpora import CorpusSpec, collate, load_texts, load_texts_as_reference
+from sequnlearn.data.corpora import Corpus, CorpusSpec, collate, losses_line, read_corpus, read_corpus_as_reference
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.eval import NonFiniteModel
@@ -228,17 +228,31 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
 
 
 def load_attack_texts(cfg: TamperConfig) -> list[str]:
-    """The attack corpus of ``cfg`` (same loaders as the engine)."""
+    """The attack corpus of ``cfg`` (same loaders as the engine); rows dropped as empty are said once."""
     spec = CorpusSpec(cfg.data, cfg.data_subset, cfg.data_split, tuple(cfg.data_fields))
     if cfg.data_order == "reference":
-        return load_texts_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.data_seed, shuffles=1)
-    return load_texts(spec, limit=cfg.num_train_examples, seed=0)
+        corpus = read_corpus_as_reference(spec, limit=cfg.num_train_examples, seed=cfg.data_seed, shuffles=1,
+                                          what="attack corpus")
+    else:
+        corpus = read_corpus(spec, limit=cfg.num_train_examples, seed=0, what="attack corpus")
+    _say_losses(f"attack corpus {spec.source}", corpus)
+    return corpus.texts
 
 
 def load_benign_texts(cfg: TamperConfig) -> list[str]:
     """The benign corpus of the controls: as many documents as the attack corpus takes, shuffled."""
-    return load_texts(CorpusSpec(cfg.benign_data, cfg.benign_subset, "train", tuple(cfg.benign_fields)),
-                      limit=cfg.num_train_examples, seed=0)
+    spec = CorpusSpec(cfg.benign_data, cfg.benign_subset, "train", tuple(cfg.benign_fields))
+    corpus = read_corpus(spec, limit=cfg.num_train_examples, seed=0, what="benign corpus")
+    _say_losses(f"benign corpus {spec.source}", corpus)
+    return corpus.texts
+
+
+def _say_losses(name: str, corpus: Corpus) -> None:
+    from sequnlearn.distributed import is_main
+
+    line = losses_line(name, corpus)
+    if line and is_main():
+        print(line, flush=True)
 
 
 def worst_case(runs: list[dict]) -> dict:
@@ -257,6 +271,19 @@ def worst_case(runs: list[dict]) -> dict:
 
 CONTROL_LABELS = {"base": "base (before unlearning)", "retain-tuned": "base + benign fine-tune"}
 """Labels of the control attacks on the model before unlearning."""
+
+
+def benign_label(label: str) -> str:
+    """The label of the ``benign`` control of attacked model ``label``."""
+    return f"{label} on benign text"
+
+
+def planned_keys(labels: list[str], cfg: TamperConfig) -> set[tuple]:
+    """The :func:`attack_key` of every attack a tamper of the models ``labels`` with ``cfg`` runs."""
+    roles = [(label, "attack") for label in labels]
+    roles += [(CONTROL_LABELS[c], c) for c in ("base", "retain-tuned") if c in cfg.controls]
+    roles += [(benign_label(label), "benign") for label in labels] if "benign" in cfg.controls else []
+    return {(m, r, float(lr), int(seed)) for m, r in roles for lr in cfg.lrs for seed in cfg.seeds}
 
 
 def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, texts: list[str],
@@ -281,7 +308,7 @@ def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, tex
             return load
         plan.append((CONTROL_LABELS["retain-tuned"], "retain-tuned", tuned, texts))
     if "benign" in cfg.controls:
-        plan += [(f"{label} on benign text", "benign", lambda lr, seed, load=load: load, benign)
+        plan += [(benign_label(label), "benign", lambda lr, seed, load=load: load, benign)
                  for label, load in models.items()]
     return plan
 
@@ -295,31 +322,33 @@ class TamperInterrupted(KeyboardInterrupt):
         self.done, self.total = done, total
 
 
-def planned_attacks(n_models: int, cfg: TamperConfig) -> int:
-    """How many attacks a tamper of ``n_models`` models with ``cfg`` runs (controls included)."""
-    per_setting = n_models * (2 if "benign" in cfg.controls else 1) + len({"base", "retain-tuned"} & set(cfg.controls))
-    return per_setting * len(cfg.lrs) * len(cfg.seeds)
-
-
 def attack_key(run: dict) -> tuple:
     """What identifies one attack of a tamper result: ``(model, role, lr, seed)``."""
     return run["model"], run["role"], float(run["lr"]), int(run["seed"])
 
 
-def check_resumable(previous: dict, cfg: TamperConfig, out: Path) -> None:
-    """Refuse to resume a tamper result made with another config.
+def previous_result(out: Path, labels: list[str], cfg: TamperConfig) -> dict | None:
+    """The interrupted ``tamper.json`` in ``out`` that ``--resume`` continues; ``None`` when every attack
+    planned for ``labels`` and ``cfg`` is already in it (and its table written): nothing to resume.
 
     Raises:
-        UserError: ``tamper.json``'s config differs from ``cfg``.
+        UserError: no readable tamper result, or one made with another config or other models.
     """
-    import json
+    from sequnlearn import io
+    from sequnlearn.config import changed_keys
 
-    stored = previous.get("config") or {}
-    mine = json.loads(json.dumps(asdict(cfg)))
-    diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
-    if diff:
-        raise UserError(f"--resume: the tamper result in {out} was made with another config ({', '.join(diff)}); "
-                        "resume with the same settings, or choose another --out")
+    previous = io.read_json(out / "tamper.json", "tamper result", kind=dict)
+    diff = changed_keys(previous.get("config") or {}, cfg)
+    stored = previous.get("models") or list(dict.fromkeys(r["model"] for r in previous.get("runs", [])
+                                                          if r.get("role") == "attack"))
+    if diff or stored != labels:
+        what = f"another config ({', '.join(diff)})" if diff else f"other models ({', '.join(stored)})"
+        raise UserError(f"--resume: the tamper result in {out} was made with {what}; resume with the same settings "
+                        "and models, or choose another --out")
+    done = {attack_key(r) for r in previous.get("runs", [])}
+    if "interrupted" not in previous and (out / "tamper.md").is_file() and planned_keys(labels, cfg) <= done:
+        return None
+    return previous
 
 
 def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline: float | None = None,
@@ -332,22 +361,20 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
         models: label → loader returning fresh ``(model, tokenizer)``.
         baseline: forget accuracy of the model before unlearning (a line on the plot).
         base: loader of the model before unlearning (needed by the ``base`` and ``retain-tuned`` controls).
-        previous: the ``tamper.json`` of an interrupted run with the same config (``--resume``): its
-            finished attacks are kept, not run again.
+        previous: the ``tamper.json`` of an interrupted run with the same config and models (``--resume``,
+            see :func:`previous_result`): its finished attacks are kept, not run again.
 
     Returns:
         The ``tamper.json`` content; each run has ``role``: ``attack`` or the control's name.
 
     Raises:
-        UserError: a control needs ``base`` and none was given; ``previous`` has another config.
+        UserError: a control needs ``base`` and none was given; an attack diverged.
         TamperInterrupted: Ctrl-C; what was finished is in ``tamper.json``.
     """
     from sequnlearn.data.mcq import load_task
     from sequnlearn.eval import chance_level
     from sequnlearn.report import plot_tamper, tamper_table
 
-    if previous is not None:
-        check_resumable(previous, cfg, out)
     tasks = {"forget": load_task(cfg.forget_task)}
     if cfg.retain_task:
         tasks["retain"] = load_task(cfg.retain_task)
@@ -358,7 +385,8 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     main = proc.is_main
     done = {attack_key(r): r for r in (previous or {}).get("runs", [])}
     t0, runs = time.time() - (previous or {}).get("wall_s", 0.0), []
-    result = {"config": asdict(cfg), "baseline": baseline, "chance": chance_level(tasks["forget"]), "runs": runs}
+    result = {"config": asdict(cfg), "models": list(models), "baseline": baseline,
+              "chance": chance_level(tasks["forget"]), "runs": runs}
     total = len(plan) * len(cfg.lrs) * len(cfg.seeds)
     for label, role, loader_for, corpus in plan:
         for lr in cfg.lrs:

@@ -35,6 +35,15 @@ class Corpus:
     """Records dropped because their text was empty, blank, null or missing."""
 
 
+def losses_line(name: str, corpus: Corpus, truncated: int = 0, max_length: int | None = None) -> str | None:
+    """One line saying what loading ``corpus`` dropped (empty or null rows) and cut (documents truncated at
+    ``max_length`` tokens); ``None`` when nothing was lost."""
+    parts = [f"{corpus.skipped} of {corpus.rows} rows skipped (empty or null text)"] if corpus.skipped else []
+    if truncated:
+        parts.append(f"{truncated} of {len(corpus.texts)} documents truncated to max_length {max_length} tokens")
+    return f"{name}: {'; '.join(parts)}" if parts else None
+
+
 def read_corpus(spec: CorpusSpec, *, limit: int | None = None, seed: int = 0, what: str = "corpus") -> Corpus:
     """Load, join fields, drop (and count) empty texts, shuffle with ``seed`` and keep ``limit``.
 

@@ -106,7 +106,7 @@ def adapter_readme(cfg: dict, base: str, run_name: str) -> str:
         "The LoRA adapter that sequnlearn's sequential back-to-front unlearning trained; merged into the base "
         "model it gives the run's unlearned model (`../model/`).", "",
         f"- base model: `{base}`" + (f" (revision `{cfg['revision']}`)" if cfg.get("revision") else ""),
-        f"- method: sequential back-to-front unlearning over target layers {layers} (deepest first); forget loss "
+        f"- method: sequential back-to-front unlearning over target layers {layers} (in that order); forget loss "
         f"`{cfg.get('forget_loss')}` (coefficient {cfg.get('remove_coef')}), retain loss `{cfg.get('retain_loss')}` "
         f"(coefficient {cfg.get('retain_coef')})",
         f"- LoRA: r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, dropout {cfg.get('lora_dropout')}, "

@@ -28,7 +28,11 @@ def resolve_device(device: str = "auto") -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible; use cuda:0 .. "
                             f"cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type not in ("cpu", "mps", "xpu"):
+    elif dev.type in ("mps", "xpu"):
+        backend = getattr(torch.backends, "mps", None) if dev.type == "mps" else getattr(torch, "xpu", None)
+        if backend is None or not backend.is_available():
+            raise UserError(f"--device {device}: this torch cannot use an {dev.type} device here; use --device cpu")
+    elif dev.type != "cpu":
         raise UserError(f"--device {device!r} is not supported; use auto, cpu, cuda or cuda:N")
     return dev
 

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from sequnlearn import io
-from sequnlearn.config import UnlearnConfig, dump_yaml, with_defaults
-from sequnlearn.data.corpora import (Corpus, CorpusSpec, collate, count_truncated, read_corpus,
+from sequnlearn.config import UnlearnConfig, changed_keys, dump_yaml
+from sequnlearn.data.corpora import (Corpus, CorpusSpec, collate, count_truncated, losses_line, read_corpus,
                                      read_corpus_as_reference, tokenize)
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
@@ -93,7 +93,6 @@ class Unlearner:
         self.accum = proc.micro_batches(cfg.global_batch_size, cfg.per_device_batch_size, "global_batch_size")
         self.steps_per_phase = cfg.epochs_per_layer * (len(batches.forget) // cfg.global_batch_size)
         self.pos = Position()
-        self.phase_applied = 0  # optimizer steps of the current phase applied (not skipped as non-finite)
         self._order_cache: dict = {}
 
     # ------------------------------------------------------------------ steps
@@ -270,7 +269,7 @@ class Unlearner:
         self.pos.nan_skipped += skipped + (used if bad_grad else 0)
         if used and not bad_grad:
             self.opt.step()
-            self.phase_applied += 1
+            self.pos.phase_applied += 1
         self.opt.zero_grad(set_to_none=True)
         return values
 
@@ -293,7 +292,6 @@ class Unlearner:
                 self.opt = self._new_optimizer()  # empty AdamW moments, as a new HF Trainer per layer had
             bar = tqdm(total=self.steps_per_phase, initial=self.pos.phase_step, disable=not self.proc.is_main,
                        desc=f"phase {phase + 1}/{len(self.layers)} layer {layer}", dynamic_ncols=True)
-            self.phase_applied = self.pos.phase_step  # steps before a resume count as applied
             for _ in range(self.pos.phase_step, self.steps_per_phase):
                 line = self.optimizer_step(phase, layer)
                 self._log(line)
@@ -306,7 +304,7 @@ class Unlearner:
                 end = self.pos.phase_step == self.steps_per_phase
                 if end:
                     self._check_phase_applied(phase, layer)
-                    self.pos.phase, self.pos.phase_step = phase + 1, 0
+                    self.pos.phase, self.pos.phase_step, self.pos.phase_applied = phase + 1, 0, 0
                 if end or (self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0):
                     self.state.save_checkpoint(self.model, self.opt, self.pos)
                     if on_checkpoint:
@@ -321,7 +319,7 @@ class Unlearner:
         Raises:
             NonFiniteLoss: the phase left the model as it found it; the run cannot unlearn with these settings.
         """
-        if self.phase_applied == 0:
+        if self.pos.phase_applied == 0:
             raise NonFiniteLoss(f"every step of phase {phase + 1} (layer {layer}) was skipped as non-finite "
                                 f"({self.pos.nan_skipped} micro-batches skipped so far): training diverged; lower "
                                 "lr or the coefficients and start over with --overwrite (--resume would repeat "
@@ -445,7 +443,7 @@ def load_batches(cfg: UnlearnConfig, tokenizer) -> Batches:
                             f"({cfg.global_batch_size}); add data or lower global_batch_size")
         out[kind] = tokenize(corpus.texts, tokenizer, cfg.max_length)
         counts[kind] = _corpus_counts(cfg, corpus, count_truncated(corpus.texts, out[kind], tokenizer, cfg.max_length))
-        _say_counts(f"{kind} corpus {spec.source}", counts[kind])
+        _say_counts(f"{kind} corpus {spec.source}", corpus, counts[kind])
     return Batches(out["forget"], out["retain"], tokenizer.pad_token_id, counts)
 
 
@@ -455,18 +453,16 @@ def _corpus_counts(cfg: UnlearnConfig, corpus: Corpus, truncated: int) -> dict:
             "used": len(corpus.texts), "truncated": truncated, "max_length": cfg.max_length}
 
 
-def _say_counts(name: str, c: dict) -> None:
+def _say_counts(name: str, corpus: Corpus, c: dict) -> None:
     """Print (main process only) the rows a corpus lost, its truncated documents, and a shortfall."""
     from sequnlearn.distributed import is_main
     from sequnlearn.errors import warn
 
     if not is_main():
         return
-    parts = [f"{c['skipped_empty']} of {c['rows']} rows skipped (empty or null text)"] if c["skipped_empty"] else []
-    if c["truncated"]:
-        parts.append(f"{c['truncated']} of {c['used']} documents truncated to max_length {c['max_length']} tokens")
-    if parts:
-        print(f"{name}: {'; '.join(parts)}", flush=True)
+    line = losses_line(name, corpus, c["truncated"], c["max_length"])
+    if line:
+        print(line, flush=True)
     if c["used"] < c["requested"]:
         warn(f"{name} has {c['used']} usable documents, fewer than num_train_examples {c['requested']}; the run "
              f"trains on {c['used']} per layer (provenance.json and the model card say so); add data, or set "
@@ -476,8 +472,7 @@ def _say_counts(name: str, c: dict) -> None:
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
     """Refuse to resume a run whose stored config differs from ``cfg`` (a key the stored config lacks,
     written before the key existed, counts as its default)."""
-    stored, now = with_defaults(io.read_yaml(run.config, "run config")), cfg.to_dict()
-    diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    diff = changed_keys(io.read_yaml(run.config, "run config"), cfg)
     if diff:
         raise UserError(f"--resume: the run in {run.root} has a different config ({', '.join(diff)}); "
                         "resume with the same config or start a new --out")
@@ -495,34 +490,41 @@ def unlearn(cfg: UnlearnConfig, run: RunDir, *, resume: bool = False, proc: Proc
     Raises:
         UserError: bad input; with ``resume``, a config, corpus or model that differs from the run's.
     """
+    from contextlib import ExitStack
+
     from sequnlearn.model.load import check_positions, load_model, model_fingerprint
     from sequnlearn.runs import hold_lock, run_fingerprints
 
-    if resume:
-        check_resume(cfg, run)
-        if run.is_finished():
-            return run
-    check_tracker(cfg.report_to)
     proc = proc or Process.start()
-    torch.manual_seed(cfg.seed)  # LoRA initialisation
-    # Everything that can fail on bad input (model, data, layers, batch sizes) runs before the
-    # first file is written into the run directory.
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(proc.device), revision=cfg.revision)
-    check_positions(model.config.to_dict(), cfg.max_length, cfg.model)
-    engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, proc)
-    found = {**run_fingerprints(cfg, engine.data), "model": model_fingerprint(cfg.model, model)}
-    prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(proc.device))
-    if resume:
-        check_resume_inputs(prov, found, run)
-        engine.load_checkpoint()  # a damaged checkpoint stops here, before anything is written
-        prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    with ExitStack() as held:
+        if resume:  # the lock before anything is read that a resume rewrites (metrics, temp files)
+            held.enter_context(hold_lock(run.root, main=proc.is_main))
+            check_resume(cfg, run)
+            if run.is_finished():
+                return run
+        check_tracker(cfg.report_to)
+        torch.manual_seed(cfg.seed)  # LoRA initialisation
+        # Everything that can fail on bad input (model, data, layers, batch sizes) runs before the
+        # first file is written into the run directory.
+        model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, device=str(proc.device), revision=cfg.revision)
+        check_positions(model.config.to_dict(), cfg.max_length, cfg.model)
+        engine = Unlearner(cfg, model, tokenizer, load_batches(cfg, tokenizer), run, proc)
+        found = {**run_fingerprints(cfg, engine.data),
+                 "model": model_fingerprint(cfg.model, model) if proc.is_main else None}  # written by the main one
+        prov = read_json(run.provenance) if resume and run.provenance.exists() else provenance(str(proc.device))
+        if resume:
+            if proc.is_main:
+                check_resume_inputs(prov, found, run)
+            engine.load_checkpoint()  # a damaged checkpoint stops here, before anything is written
+            prov.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            if proc.is_main:
+                remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
+        prov.update(found)
+        prov["num_processes"] = proc.world
         if proc.is_main:
-            remove_stale_temp_files(run.root)  # a kill mid-write (e.g. of a checkpoint) leaves one
-    prov.update(found)
-    prov["num_processes"] = proc.world
-    if proc.is_main:
-        run.claim()
-    with hold_lock(run.root, main=proc.is_main and run.final is None):  # a replacement's lock is held on run.final
+            run.claim()
+        if not resume:  # a new run: locked once created (a replacement's lock is held on run.final)
+            held.enter_context(hold_lock(run.root, main=proc.is_main and run.final is None))
         _train_and_save(engine, run, prov, on_checkpoint, on_phase_end)
     return run
 
@@ -568,9 +570,8 @@ def check_resume_inputs(stored: dict, found: dict, run: RunDir) -> None:
     """
     changed = [f"the {kind} corpus" for kind, fp in (found.get("data") or {}).items()
                if kind in (stored.get("data") or {}) and stored["data"][kind] != fp]
-    old, new = stored.get("model"), found.get("model")
-    if old is not None and {k: v for k, v in old.items() if k != "source"} != {k: v for k, v in new.items()
-                                                                                if k != "source"}:
+    old, new = stored.get("model") or {}, found.get("model") or {}
+    if any(old.get(k) is not None and new.get(k) is not None and old[k] != new[k] for k in ("weights_sha256", "commit")):
         changed.append("the model's weights")
     if changed:
         raise UserError(f"--resume: {' and '.join(changed)} differ from what the run in {run.root} started with "

@@ -30,6 +30,8 @@ class Position:
     phase_step: int = 0
     step: int = 0
     nan_skipped: int = 0
+    phase_applied: int = 0
+    """Optimizer steps of the current phase applied (not skipped as non-finite under ``on_nan: skip``)."""
 
 
 class RunState:
@@ -88,7 +90,8 @@ class RunState:
             opt.load_state_dict(state["optimizer"])
         if self.proc.is_main:
             _truncate_lines(self.run.metrics, state["metrics_lines"])
-        return Position(**state["position"])
+        saved = state["position"]  # a checkpoint from before phase_applied counted its phase's steps as applied
+        return Position(**{"phase_applied": saved.get("phase_step", 0), **saved})
 
     def save_outputs(self, model, tokenizer, unsharded_copy: Callable[[dict], object]) -> None:
         """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors).
