@@ -93,10 +93,28 @@ def test_pareto_front():
     assert pareto_front(pts) == [2, 1, 4]
 
 
-def test_slurm_script_is_a_job_array_of_only_calls(sweep_file, tmp_path):
+def test_slurm_script_is_a_job_array_of_only_calls_and_a_baseline_task(sweep_file, tmp_path):
     script = slurm_script(load_sweep(str(sweep_file)), tmp_path / "mini", accelerate_args="--num_processes 4")
-    assert "#SBATCH --array=0-1" in script
+    assert "#SBATCH --array=0-2" in script  # two points, then the baseline
     assert "accelerate launch --num_processes 4 -m sequnlearn sweep" in script and "--only $SLURM_ARRAY_TASK_ID" in script
+    assert '-eq 2 ]; then' in script and "--baseline" in script
+
+
+def test_every_task_of_the_slurm_array_together_make_the_whole_report(sweep_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "mini"
+    script = tmp_path / "sweep.sbatch"
+    script.write_text(slurm_script(load_sweep(str(sweep_file)), out))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for task in range(3):  # as slurm runs them
+        done = subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": str(task)},
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    result = write_report([out], tmp_path / "report")
+    assert result["runs"] == 2 and result["baselines"] == 1
 
 
 def test_each_point_is_evaluated_in_every_style_the_first_the_headline(swept):

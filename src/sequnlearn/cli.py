@@ -532,7 +532,10 @@ def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of unlearning configs, one run directory per point")
     p.add_argument("sweep", metavar="NAME_OR_FILE", help="a shipped sweep (reference-l2, toy-l2, ...) or a YAML file")
     p.add_argument("--dry-run", action="store_true", help="list the points (varied key=value) and change nothing")
-    p.add_argument("--only", type=int, metavar="N", help="run only point N (0-based; for job arrays)")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--only", type=int, metavar="N", help="run only point N (0-based; for job arrays)")
+    only.add_argument("--baseline", action="store_true", help="only evaluate the base model into OUT/NAME/baseline "
+                      "(the tables' baseline row; a job array's last task)")
     p.add_argument("--out", default="runs/sweeps", help="parent directory; the sweep writes OUT/NAME/")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: run the points one after another; slurm: write an sbatch job-array script")
@@ -565,12 +568,13 @@ def cmd_sweep(args) -> None:
 
     check_inputs(sweep)  # model and evaluation data, before the first point writes anything
     proc = _processes()  # under `accelerate launch`: the process group, before any point
-    for i in [args.only] if args.only is not None else range(len(points)):
+    for i in [] if args.baseline else [args.only] if args.only is not None else range(len(points)):
         run_point(sweep, i, out, proc)
     if args.only is None:
         run_baseline(sweep, out, proc)
         if proc.is_main:
-            print(f"sweep {sweep.name} done; make the tables with: sequnlearn report {out}")
+            done = "baseline evaluated" if args.baseline else "done"
+            print(f"sweep {sweep.name} {done}; make the tables with: sequnlearn report {out}")
 
 
 def _add_report(sub) -> None:

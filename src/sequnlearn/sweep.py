@@ -284,20 +284,26 @@ def _say(main: bool, msg: str) -> None:
 
 
 def slurm_script(sweep: Sweep, out: Path, *, accelerate_args: str | None = None) -> str:
-    """An sbatch job-array script: one point per array task, each calling ``sweep --only N``."""
+    """An sbatch job-array script: array task N < points runs ``sweep --only N``; the last task evaluates
+    the base model (``sweep --baseline``: the tables' baseline row)."""
     n = len(sweep.points())
     launcher = (f"accelerate launch {accelerate_args} -m sequnlearn" if accelerate_args is not None
                 else "sequnlearn")
-    cmd = f"{launcher} sweep {shlex.quote(sweep.source)} --only $SLURM_ARRAY_TASK_ID --out {shlex.quote(str(out.parent))}"
+    common = f"sweep {shlex.quote(sweep.source)} --out {shlex.quote(str(out.parent))}"
     return "\n".join([
         "#!/bin/bash",
         f"#SBATCH --job-name=sequnlearn-{sweep.name}",
-        f"#SBATCH --array=0-{n - 1}",
+        f"#SBATCH --array=0-{n}",
         f"#SBATCH --output={out}/slurm-%A_%a.out",
         "#SBATCH --gpus-per-node=1",
-        "# Adjust partition, time and GPUs for your cluster; each task is one point of the grid.",
+        f"# Adjust partition, time and GPUs for your cluster; tasks 0-{n - 1} are the points of the grid, task {n}",
+        "# evaluates the base model (the baseline row). Then: sequnlearn report " + shlex.quote(str(out)),
         "set -euo pipefail",
-        cmd,
+        f'if [ "$SLURM_ARRAY_TASK_ID" -eq {n} ]; then',
+        f"  {launcher} {common} --baseline",
+        "else",
+        f"  {launcher} {common} --only $SLURM_ARRAY_TASK_ID",
+        "fi",
         "",
     ])
 
