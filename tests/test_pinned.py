@@ -58,20 +58,18 @@ def test_a_trainable_head_gets_the_plain_losses_gradient(name):
     torch.testing.assert_close(gw_fused, gw_plain)
 
 
-def test_row_groups_equal_the_whole_batch_in_loss_and_gradient(tmp_path, monkeypatch):
-    import sequnlearn.unlearn.engine as eng
+def test_row_groups_equal_the_whole_batch_in_loss_and_gradient(tmp_path):
     from test_engine import make_engine
 
-    monkeypatch.setattr(eng, "PASS_TOKENS", 0)  # group rows however little padding it saves
-
-    engine = make_engine(tmp_path, lora_dropout=0.0, num_train_examples=32)
+    # row_group_tokens 0: group rows however little padding it saves
+    engine = make_engine(tmp_path, lora_dropout=0.0, num_train_examples=32, row_group_tokens=0)
     lengths = [len(s) for s in engine.data.forget]
     rows = sorted(range(len(lengths)), key=lambda i: lengths[i])
     picked = [engine.data.forget[i] for i in (rows[0], rows[1], rows[-1], rows[2])]  # a long row among short ones
     batch = collate(picked, engine.data.pad_id)
-    from sequnlearn.unlearn.engine import _row_groups
+    from sequnlearn.unlearn.kernels import row_groups
 
-    assert len(_row_groups(batch["attention_mask"].sum(1).tolist())) > 1
+    assert len(row_groups(batch["attention_mask"].sum(1).tolist(), 0)) > 1
     def forget(gen):  # one generator per batch: the groups draw the whole batch's targets in row order
         return lambda b: engine.objective.forget_loss(b, 2, gen)
 

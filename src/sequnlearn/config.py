@@ -21,6 +21,8 @@ from sequnlearn.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LR_SCHEDULES = ("constant", "linear", "cosine")
+SDPA_BACKENDS = ("auto", "default", "flash", "math")
+"""Values of :attr:`UnlearnConfig.sdpa_backend`."""
 CONTROLS = ("base", "retain-tuned", "benign")
 """The comparison attacks a tamper config can add (see :attr:`TamperConfig.controls`)."""
 
@@ -155,6 +157,22 @@ class UnlearnConfig:
     report_to: str | None = None
     """Also log to tensorboard or wandb through accelerate's trackers."""
 
+    sdpa_backend: str = "auto"
+    """Attention kernels of the step's forward and backward: ``flash`` (PyTorch's flash and memory-efficient
+    SDPA kernels only: one kernel for any sequence length, where cuDNN attention builds a new plan for every
+    new length), ``math``, ``default`` (PyTorch's choice) or ``auto`` (flash on a GPU, default on the CPU).
+    The same numbers up to kernel rounding (tested)."""
+    row_group_tokens: int | None = None
+    """What one more forward and backward pass costs, in padded tokens: a micro-batch is split into row
+    groups only where that saves more padding than this per extra group. None = auto: 256 on the CPU
+    (compute-bound), 8192 on a GPU (a pass costs thousands of kernel launches; padding is cheap)."""
+    pad_multiple: int | None = None
+    """Each row group is padded to a multiple of this many tokens, so that sequence lengths (and the
+    kernels' shapes) repeat from step to step. None = auto: 1 on the CPU, 64 on a GPU."""
+    head_chunk_rows: int | None = None
+    """Tokens whose logits the fused head losses form at once (memory against kernel launches). None =
+    auto: 256 on the CPU, 2048 on a GPU."""
+
     def __post_init__(self) -> None:
         coerce_fields(self)
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
@@ -174,6 +192,13 @@ class UnlearnConfig:
         _choice("on_nan", self.on_nan, ("stop", "skip"))
         _choice("report_to", self.report_to, (None, "tensorboard", "wandb"))
         _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
+        _choice("sdpa_backend", self.sdpa_backend, SDPA_BACKENDS)
+        for name in ("row_group_tokens",):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 0)
+        for name in ("pad_multiple", "head_chunk_rows"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
         for name in ("remove_coef", "retain_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
                      "warmup_steps"):
             _at_least(name, getattr(self, name), 0)

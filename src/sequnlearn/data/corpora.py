@@ -225,13 +225,13 @@ def count_truncated(texts: list[str], seqs: list[list[int]], tokenizer, max_leng
     return sum(len(s) > max_length for s in tokenize(full, tokenizer, max_length + 1)) if full else 0
 
 
-def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch.
+def collate(seqs: list[list[int]], pad_id: int, *, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of this batch, rounded up to a multiple of ``multiple``.
 
     Returns:
-        ``input_ids`` and ``attention_mask``, both ``(B, T_max)``.
+        ``input_ids`` and ``attention_mask``, both ``(B, T)``.
     """
-    T = max(len(s) for s in seqs)
+    T = -(-max(len(s) for s in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):

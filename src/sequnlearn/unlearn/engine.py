@@ -31,6 +31,7 @@ from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers
 from sequnlearn.runs import RunDir, atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
 from sequnlearn.trackers import check_tracker, open_tracker
+from sequnlearn.unlearn.kernels import attention_kernels, round_up, row_groups, step_settings
 from sequnlearn.unlearn.objective import Objective, to_device
 from sequnlearn.unlearn.schedule import coefficients, lr_factor, micro_batch_progress, progress
 from sequnlearn.unlearn.state import Position, RunState
@@ -84,7 +85,9 @@ class Unlearner:
         self.fsdp = proc.use_fsdp(cfg.sharding)
         checkpointing = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
                          else proc.device.type == "cuda")
-        self.objective = Objective(cfg, self.arch, checkpointing=checkpointing, sharded=self.fsdp)
+        self.settings = step_settings(cfg, proc.device)  # attention kernels, row groups, padding, head chunks
+        self.objective = Objective(cfg, self.arch, checkpointing=checkpointing, sharded=self.fsdp,
+                                   chunk_rows=self.settings.head_chunk_rows)
         self.state = RunState(run, proc, sharded=self.fsdp)
         if self.fsdp:
             proc.shard_layers(self.arch.layers)
@@ -154,7 +157,7 @@ class Unlearner:
 
     def _host_batch(self, seqs: list[list[int]]) -> "HostBatch":
         """Collate on the host, keep the row lengths there, move the tensors to the device."""
-        batch = collate(seqs, self.data.pad_id)
+        batch = collate(seqs, self.data.pad_id, multiple=self.settings.pad_multiple)
         return HostBatch({k: to_device(v, self.proc.device) for k, v in batch.items()}, [len(s) for s in seqs])
 
     def optimizer_step(self, phase: int, layer: int) -> dict:
@@ -215,30 +218,32 @@ class Unlearner:
 
     def _backward_in_parts(self, batch: "HostBatch", loss_fn: Callable[[dict], torch.Tensor], coef: float,
                            by_rows: bool = False) -> torch.Tensor:
-        """Backward ``coef`` × ``loss_fn(batch)`` one row group (:func:`_row_groups`) at a time; returns the loss.
+        """Backward ``coef`` × ``loss_fn(batch)`` one row group (:func:`~sequnlearn.unlearn.kernels.row_groups`)
+        at a time; returns the loss.
 
         A loss that is a mean over real tokens makes the batch's loss (and gradient) the sum of the
         groups' losses weighted by their share of real tokens; one that is a mean over rows at a fixed
         padded length (``by_rows``) weights them by their share of rows. A group is padded only to its
-        own longest row, its real tokens are given as flat indices made on the host, and its graph is
+        own longest row (rounded up to ``pad_multiple``), its real tokens are given as flat indices made on the host, and its graph is
         freed before the next group runs. Random targets are drawn group after group from one
         generator, in row order: the same draws as for the whole batch.
         """
-        lengths = batch.lengths  # real tokens per row, known on the host
-        total = sum(lengths)
+        lengths, s = batch.lengths, self.settings  # real tokens per row, known on the host
+        total, padded = sum(lengths), batch.tensors["attention_mask"].shape[1]
         loss = torch.zeros((), device=self.proc.device)
-        for start, stop in _row_groups(lengths):
+        for start, stop in row_groups(lengths, s.row_group_tokens, s.pad_multiple):
             n = sum(lengths[start:stop])
             if total and not n:
                 continue  # rows without tokens add nothing (a batch without any gives NaN, as before)
-            width = max(lengths[start:stop]) if total else batch.tensors["attention_mask"].shape[1]
+            width = min(round_up(max(lengths[start:stop]), s.pad_multiple), padded) if total else padded
             part = {k: v[start:stop, :width].contiguous() for k, v in batch.tensors.items()}
             index = [row * width + t for row, length in enumerate(lengths[start:stop]) for t in range(length)]
             part["index"] = to_device(torch.tensor(index, dtype=torch.long), self.proc.device)  # (n,)
             share = (stop - start) / len(lengths) if by_rows else (n / total if total else 1.0)
-            with self.proc.autocast(self.cfg.mixed_precision):
-                part_loss = loss_fn(part)
-            (coef * share * part_loss).backward()  # a non-finite loss: the micro-batch is dropped
+            with attention_kernels(s.sdpa_backend):  # forward and backward (and its recomputation) alike
+                with self.proc.autocast(self.cfg.mixed_precision):
+                    part_loss = loss_fn(part)
+                (coef * share * part_loss).backward()  # a non-finite loss: the micro-batch is dropped
             loss = loss + share * part_loss.detach().float()
         return loss
 
@@ -382,32 +387,6 @@ def _order_gen(seed: int, stream: Stream, phase: int, epoch: int) -> torch.Gener
     if phase < Stream.TARGETS:
         return _gen(seed, phase, epoch, stream)
     return _gen(seed, stream, phase, epoch, 0)
-
-
-PASS_TOKENS = 256
-"""What one more forward and backward pass costs, in padded tokens: a micro-batch is split into row
-groups only where that saves more padding than this per extra group."""
-
-
-def _row_groups(lengths: list[int]) -> list[tuple[int, int]]:
-    """Contiguous row groups ``[(start, stop), ...]`` of least padded tokens + ``PASS_TOKENS`` per group.
-
-    Rows of equal length stay together; a long row among short ones runs on its own.
-    """
-    n = len(lengths)
-    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[i]: cost of rows 0..i-1; cut[i]: its last group's start
-    for stop in range(1, n + 1):
-        widest = 0
-        for start in range(stop - 1, -1, -1):
-            widest = max(widest, lengths[start])
-            cost = best[start] + (stop - start) * widest + PASS_TOKENS
-            if cost < best[stop]:
-                best[stop], cut[stop] = cost, start
-    groups, stop = [], n
-    while stop > 0:
-        groups.append((cut[stop], stop))
-        stop = cut[stop]
-    return groups[::-1]
 
 
 def _mean(total: float, n: int) -> float:

@@ -39,12 +39,15 @@ class Objective:
 
     Attributes:
         checkpointing: recompute layer activations in backward (gradient checkpointing).
+        chunk_rows: tokens whose logits the fused head losses form at once.
         sharded: the decoder layers are FSDP-sharded (the original model then runs under ``no_grad``,
             since gathered weights must not become inference tensors).
     """
 
-    def __init__(self, cfg: UnlearnConfig, arch: Architecture, *, checkpointing: bool, sharded: bool):
+    def __init__(self, cfg: UnlearnConfig, arch: Architecture, *, checkpointing: bool, sharded: bool,
+                 chunk_rows: int = losses.CHUNK_ROWS):
         self.cfg, self.arch, self.checkpointing, self.fsdp = cfg, arch, checkpointing, sharded
+        self.chunk_rows = chunk_rows  # tokens whose logits the fused head losses form at once
         self.retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(arch.num_layers))
         check_layers(arch, self.retain_layers)
 
@@ -88,8 +91,8 @@ class Objective:
             return losses.random_target_ce(logits, targets)
         h = self.arch.norm(h)  # (N, D)
         if self.cfg.forget_loss == "max_entropy":
-            return losses.max_entropy_from_hidden(h, *head)
-        return losses.random_target_ce_from_hidden(h, *head, targets)
+            return losses.max_entropy_from_hidden(h, *head, chunk_rows=self.chunk_rows)
+        return losses.random_target_ce_from_hidden(h, *head, targets, chunk_rows=self.chunk_rows)
 
     def retain_loss(self, batch: dict) -> torch.Tensor:
         """L2 between current and original layer outputs, or KL(original ‖ current) on logits.
@@ -115,7 +118,8 @@ class Objective:
         h_cur, _ = hidden_after(self.arch, ids, None, last, adapter=True, checkpoint=self.checkpointing,
                                 capture=current)
         if kl and head:
-            return losses.kl_retain_from_hidden(self.arch.norm(losses.real_tokens(h_cur, real)), h_orig, *head)
+            return losses.kl_retain_from_hidden(self.arch.norm(losses.real_tokens(h_cur, real)), h_orig, *head,
+                                                chunk_rows=self.chunk_rows)
         if kl:
             return losses.kl_retain(self.arch.logits(losses.real_tokens(h_cur, real)), h_orig)
         keep = self.retain_layers
