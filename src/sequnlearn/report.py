@@ -439,6 +439,46 @@ def seeds_table(groups: list[dict], styles: list[str] = ()) -> str:
     return _markdown(cols, cells)
 
 
+GROUP_COLUMNS = {"report_styles.csv": ("Group", "style"),
+                 "tamper_curves.csv": ("source", "style", "model", "role", "lr", "step")}
+"""The columns that name a group of seeds in each per-seed CSV :func:`write_report` writes (for
+:class:`sequnlearn.evidence.Source` ``group_by``): the rows equal in them differ only in ``seed``."""
+
+
+def style_rows(runs: list[dict], baselines: list[dict] = ()) -> list[dict]:
+    """One row per run (and baseline) and scoring style: its forget and retain accuracy in that style.
+
+    ``Run`` is the run's number in ``report.csv`` (``baseline`` for a baseline), ``Group`` its seed
+    group's in ``report_seeds.csv``; a run scored in one style only has one row, in its headline style.
+    """
+    group_of = {id(r): i for i, g in enumerate(seed_groups(runs), start=1) for r in g}
+    entries = [("baseline", "", dict.fromkeys(_setting_columns(), "-"), "", b) for b in baselines]
+    entries += [(i, group_of[id(r)], _setting(r["config"]), r["config"].get("seed"), r)
+                for i, r in enumerate(runs, start=1)]
+    return [{"Run": run, "Group": group, **setting, "seed": seed, "style": style,
+             "forget acc": acc.get("forget_acc"), "retain acc": acc.get("retain_acc"), "path": r["path"]}
+            for run, group, setting, seed, r in entries for style, acc in _styles_of(r["eval"]).items()]
+
+
+def _setting_columns() -> list[str]:
+    """The names of :func:`_setting`'s columns."""
+    return ["Layers", "remove_coef", "retain_coef", "retain loss"]
+
+
+def _styles_of(ev: dict) -> dict[str, dict]:
+    """``{style: {forget_acc, retain_acc}}`` of an ``eval.json``: its ``styles``, else its headline style."""
+    return ev.get("styles") or {ev.get("style") or "": {k: ev.get(k) for k in ("forget_acc", "retain_acc")}}
+
+
+def tamper_curve_rows(tampers: list[tuple[Path, dict]]) -> list[dict]:
+    """One row per attack and evaluated step of every ``tamper.json``: the attack's model, role, lr and
+    seed, the step, forget and retain accuracy, the scoring style and the directory it came from."""
+    return [{"model": run["model"], "role": run.get("role", "attack"), "lr": run["lr"], "seed": run["seed"],
+             "step": p["step"], "forget_acc": p["forget_acc"], "retain_acc": p.get("retain_acc"),
+             "style": t.get("config", {}).get("eval_style", ""), "source": str(path.parent)}
+            for path, t in tampers for run in t["runs"] for p in run["curve"]]
+
+
 def csv_text(rows: list[dict]) -> str:
     """The same rows as CSV (with the run directory path)."""
     import csv
@@ -604,7 +644,10 @@ def write_report(dirs: list[Path], out: Path) -> dict:
     directory with only tampering results or audits gives a report of those. Runs that differ only in
     ``seed`` form a group (:func:`seed_groups`): ``report_seeds.csv`` has a row per group (mean, sd, n),
     and when a group has several runs ``report.md`` adds an "Across seeds" table and the plots show group
-    means with sd error bars. Everything is read and ``out`` checked before anything is written.
+    means with sd error bars. Per-seed values: ``report_styles.csv`` has each run's accuracies in every
+    scoring style it was scored in (:func:`style_rows`), ``tamper_curves.csv`` every point of every attack
+    (:func:`tamper_curve_rows`); :data:`GROUP_COLUMNS` names their seed groups. Everything is read and
+    ``out`` checked before anything is written.
 
     Raises:
         UserError: a directory that does not exist, nothing to report, a damaged result file, or an
@@ -640,7 +683,8 @@ def write_report(dirs: list[Path], out: Path) -> dict:
 
 
 def _runs_section(runs: list[dict], baselines: list[dict], out: Path) -> tuple[str, list[str], list[dict]]:
-    """The run tables (markdown), ``report.csv``, ``report_seeds.csv`` and the run plots into ``out``.
+    """The run tables (markdown), ``report.csv``, ``report_seeds.csv``, ``report_styles.csv`` (when runs
+    were scored in several styles: :func:`style_rows`) and the run plots into ``out``.
 
     Returns:
         ``(markdown, file names written, seed groups)``.
@@ -652,14 +696,19 @@ def _runs_section(runs: list[dict], baselines: list[dict], out: Path) -> tuple[s
         md += "\n## Across seeds\n\n" + SEEDS_NOTE + "\n\n" + seeds_table(groups, other_styles(runs))
     atomic_write_text(out / "report.csv", csv_text(rows))
     atomic_write_text(out / "report_seeds.csv", csv_text(groups))
+    styled = any(r["eval"].get("styles") for r in [*runs, *baselines])
+    if styled:  # every scoring style per run, not only the headline one
+        atomic_write_text(out / "report_styles.csv", csv_text(style_rows(runs, baselines)))
     plot_tradeoff(groups, baselines, out / "tradeoff.png", chance, runs=rows)
     plot_forget_vs_remove(groups, out / "forget_vs_remove_coef.png", chance, runs=rows)
     plot_sweep_losses(runs, out / "losses.png")
-    return md, ["report.csv", "report_seeds.csv", "tradeoff.png", "forget_vs_remove_coef.png", "losses.png"], groups
+    return md, ["report.csv", "report_seeds.csv", *(["report_styles.csv"] if styled else []), "tradeoff.png",
+                "forget_vs_remove_coef.png", "losses.png"], groups
 
 
 def _tamper_section(tampers: list[tuple[Path, dict]], out: Path) -> tuple[str, list[str]]:
-    """A table per ``tamper.json`` (:func:`tamper_table`) and one ``tamper.png`` of all their attacks.
+    """A table per ``tamper.json`` (:func:`tamper_table`), one ``tamper.png`` of all their attacks and
+    ``tamper_curves.csv``, every point of every attack (:func:`tamper_curve_rows`).
 
     Returns:
         ``(markdown tables, file names written)``; both empty without tampering results.
@@ -668,8 +717,9 @@ def _tamper_section(tampers: list[tuple[Path, dict]], out: Path) -> tuple[str, l
         return "", []
     merged = {**tampers[0][1], "runs": [r for _, t in tampers for r in t["runs"]]}
     plot_tamper(merged, out / "tamper.png")
+    atomic_write_text(out / "tamper_curves.csv", csv_text(tamper_curve_rows(tampers)))
     return "".join(f"\n## Tampering attack ({p.parent})\n\n{tamper_table(t)}{_interrupted_note(t)}"
-                   for p, t in tampers), ["tamper.png"]
+                   for p, t in tampers), ["tamper.png", "tamper_curves.csv"]
 
 
 def _interrupted_note(result: dict) -> str:
