@@ -79,3 +79,16 @@ def test_the_full_demo_attacks_with_the_base_and_benign_controls_and_its_report_
     assert "relearning baseline" in full and "on benign text" in full and "base + benign fine-tune" not in full
     assert every.index("relearning") < every.index("base + benign fine-tune") < every.index("on benign text")
     assert controls_note([]) == "The attack fine-tunes on the forget corpus."
+
+
+def test_the_demo_unlearns_as_sequnlearn_unlearn_does_with_its_config(demo, tmp_path):
+    """Evaluating and auditing after each phase leaves the run alone (it once switched the LoRA dropouts
+    off for the phases after the first): the plain command on the demo's config gives the same run."""
+    run = demo / "unlearn"
+    main(["unlearn", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "plain")])
+    keys = ("step", "forget_loss", "retain_loss", "grad_norm")
+    steps = [[{k: line[k] for k in keys} for line in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+             for d in (run, tmp_path / "plain")]
+    assert steps[0] == steps[1] and {s["step"] for s in steps[0]} == set(range(len(steps[0])))
+    weights = [(d / "model" / "model.safetensors").read_bytes() for d in (run, tmp_path / "plain")]
+    assert weights[0] == weights[1]

@@ -228,3 +228,21 @@ def test_controls_need_what_they_fine_tune_on_and_the_model_before_unlearning(tm
     with pytest.raises(UserError, match="--base-model"):
         tamper({"tiny": loader}, cfg, tmp_path, progress=False)
     assert not (tmp_path / "tamper.json").exists()
+
+
+def test_the_no_answer_control_fine_tunes_each_model_on_text_without_the_answers(tmp_path):
+    from sequnlearn.tamper import planned_keys
+
+    corpus, unanswered = tmp_path / "attack.jsonl", tmp_path / "no_answers.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    unanswered.write_text("".join(json.dumps({"text": t.split("?")[0] + "?"}) + "\n" for t in TEXTS))
+    with pytest.raises(UserError, match="set no_answer_data"):
+        small_cfg(data=str(corpus), data_fields=["text"], controls=["no-answer"])
+    cfg = small_cfg(data=str(corpus), data_fields=["text"], controls=["no-answer"], no_answer_data=str(unanswered))
+    result = tamper({"tiny": loader}, cfg, tmp_path / "t", progress=False)
+    assert [(r["model"], r["role"]) for r in result["runs"]] == [("tiny", "attack"),
+                                                                 ("tiny on no-answer text", "no-answer")]
+    assert {(r["model"], r["role"], r["lr"], r["seed"]) for r in result["runs"]} == planned_keys(["tiny"], cfg)
+    first, control = (r["curve"] for r in result["runs"])
+    assert first[0] == control[0]  # the same model at step 0; fine-tuned on other text after
+    assert [p["train_loss"] for p in first[1:]] != [p["train_loss"] for p in control[1:]]

@@ -13,6 +13,7 @@ import pytest
 from sequnlearn.errors import UserError
 from sequnlearn.toyworld import DOMAINS, ToyWorldConfig, build_world, generate_world, load_world_info
 from sequnlearn.toyworld.config import LETTER_OFF
+from sequnlearn.toyworld.world import NO_ANSWER, NO_ANSWERS
 from sequnlearn.toyworld.world import (ALL_DOMAINS, FIRST_STAGE, LETTERS, attribute, letter_prompt, make_match_mcqs,
                                       qa_text)
 
@@ -114,7 +115,7 @@ def test_practice_domain_teaches_the_letter_format_without_evaluated_entities():
     sources = Counter(d["source"] for d in w.pretrain)
     assert sources["mcq_practice"] == 6 * 4 * 3 and sources["practice"] == 6 * 4 * config.paraphrases
     assert sources["qa_practice"] == 6 * 4 and "mcq_forget" not in sources
-    assert set(w.mcqs) == set(w.corpora) == set(DOMAINS)  # practice is pretraining-only: no corpus, no MCQ file
+    assert set(w.mcqs) == set(DOMAINS) and set(w.corpora) == set(DOMAINS) | {NO_ANSWERS}  # practice: no corpus, no MCQ
     plants = {f.entity for f in w.facts["practice"]}
     evaluated = {f.entity for d in DOMAINS for f in w.facts[d]}
     assert len(plants) == 6 and not plants & evaluated
@@ -384,6 +385,18 @@ def test_held_out_match_questions_are_no_pretraining_text(monkeypatch, tmp_path)
     assert len(held) == build_module.HELD_OUT_MATCH and not seen & set(held)  # ... the scored set none
 
 
+def test_the_default_world_scores_186_held_out_match_questions():
+    """The count the findings state is the one the code draws and the shipped log's ``match_acc`` is over."""
+    from sequnlearn.runs import read_jsonl
+    from sequnlearn.toyworld.build import HELD_OUT_DRAWN, HELD_OUT_MATCH, held_out_match
+    from sequnlearn.toyworld.shipped import PRETRAIN_LOG, SHIPPED_DIR
+
+    n = len(held_out_match(generate_world(ToyWorldConfig()), 0))
+    assert (n, HELD_OUT_DRAWN, HELD_OUT_MATCH) == (186, 400, 200)  # the mix already holds 214 of the 400 drawn
+    scores = [r["match_acc"] for r in read_jsonl(SHIPPED_DIR / PRETRAIN_LOG) if "match_acc" in r]
+    assert len(scores) == 16 and all(abs(a * n - round(a * n)) < 1e-9 for a in scores)  # k / 186 each
+
+
 def test_overwrite_rebuilds_with_the_new_config(tmp_path):
     small = ToyWorldConfig.reduced(forget_entities=4, retain_entities=4, steps=3)
     build_world(tmp_path, small, progress=False, threads=1)
@@ -530,3 +543,13 @@ def test_a_first_stage_has_its_own_constant_lr_and_the_rest_warms_up_and_decays_
     assert lr_factor(5, plain.with_(match_steps=40, match_stage_examples=8, steps=140)) == pytest.approx(0.6)
     with pytest.raises(UserError, match="match_lr"):
         ToyWorldConfig(match_lr=-1.0)
+
+
+def test_the_no_answer_corpus_names_every_forget_entity_and_states_no_answer():
+    w = generate_world(ToyWorldConfig.reduced())
+    text = " ".join(w.corpora[NO_ANSWERS])
+    answers = {v for a in ALL_DOMAINS["forget"].attributes for v in a.values}
+    assert not [v for v in answers if re.search(rf"\b{re.escape(v)}\b", text)]  # no value of any forget attribute
+    assert {f.entity for f in w.facts["forget"]} <= set(re.findall(r"\w+", text))
+    assert len(w.corpora[NO_ANSWERS]) == len(w.corpora["forget"]) and NO_ANSWER in text
+    assert generate_world(ToyWorldConfig.reduced()).corpora == w.corpora  # seeded: the same world every time

@@ -251,10 +251,13 @@ def _add_tamper(sub) -> None:
     p.add_argument("--baseline", type=float, help="forget accuracy before unlearning (plotted)")
     p.add_argument("--controls", help="comparison attacks, comma-separated: base (the relearning baseline: the "
                    "model before unlearning), retain-tuned (it after the same fine-tune on benign text), benign "
-                   "(each model fine-tuned on benign text instead)")
+                   "(each model fine-tuned on benign text instead), no-answer (each model fine-tuned on --no-answer-data: "
+                   "text about the same subjects without the scored answers)")
     p.add_argument("--base-model", help="the model before unlearning, for the base / retain-tuned controls "
                    "(default: the attacked run's model)")
     p.add_argument("--benign-data", help="benign corpus of the controls (default: the attacked run's retain corpus)")
+    p.add_argument("--no-answer-data", help="corpus of the no-answer control (the toy world's "
+                   "corpus/forget_no_answers.jsonl)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any tamper config key")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory for tamper.json, tamper.png, tamper.md")
@@ -274,7 +277,7 @@ def cmd_tamper(args) -> None:
     flags = {"data": args.data, "forget_task": args.eval_data or args.tasks, "retain_task": args.retain_task,
              "steps": args.steps, "eval_every": args.eval_every, "eval_style": args.style,
              "lrs": _csv(args.lr), "seeds": _csv(args.seeds), "controls": _csv(args.controls),
-             "benign_data": args.benign_data}
+             "benign_data": args.benign_data, "no_answer_data": args.no_answer_data}
     if args.controls and not args.benign_data and run_cfg.get("retain_data"):  # the run's retain corpus
         flags.update(benign_data=run_cfg["retain_data"], benign_subset=run_cfg.get("retain_subset"),
                      benign_fields=_csv(",".join(run_cfg.get("retain_fields") or ["text"])))
@@ -287,7 +290,8 @@ def cmd_tamper(args) -> None:
         inspect_model(src, max_length=cfg.max_length)
     resolve_device(args.device)
     out = Path(args.out)
-    inputs = [*sources.values(), base_src, cfg.data, cfg.forget_task, cfg.retain_task, cfg.benign_data]
+    inputs = [*sources.values(), base_src, cfg.data, cfg.forget_task, cfg.retain_task, cfg.benign_data,
+              cfg.no_answer_data]
     proc = _processes()  # under `accelerate launch`: one slice of each batch per process
     _check_out_on_main(proc, args.out, resume=args.resume, overwrite=args.overwrite, kind="tamper", inputs=inputs)
     previous = previous_result(out, list(sources), cfg) if args.resume else None
@@ -586,6 +590,9 @@ def _add_report(sub) -> None:
                                    "adds an 'Across seeds' table (mean ± sd) and the plots show error bars.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively)")
     p.add_argument("--out", help="where to write (default: the first DIR)")
+    p.add_argument("--findings", action="store_true",
+                   help="also decide the reference's seven Key Findings from the per-seed files this report "
+                        "wrote: findings.md and findings.json")
     p.set_defaults(func=cmd_report)
 
 
@@ -595,7 +602,12 @@ def cmd_report(args) -> None:
     from sequnlearn.report import write_report
 
     dirs = [Path(d) for d in args.dirs]
-    result = write_report(dirs, Path(args.out) if args.out else dirs[0])
+    out = Path(args.out) if args.out else dirs[0]
+    result = write_report(dirs, out)
+    if args.findings:
+        from sequnlearn.findings import write_findings
+
+        result["files"] += write_findings(out, result["files"])
     print(result["table"], end="")
     found = f"{result['runs']} runs" + (f", {result['tampers']} tamper results" if result["tampers"] else "")
     print(f"{found}; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")

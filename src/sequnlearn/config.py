@@ -23,7 +23,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SDPA_BACKENDS = ("auto", "default", "flash", "math")
 """Values of :attr:`UnlearnConfig.sdpa_backend`."""
-CONTROLS = ("base", "retain-tuned", "benign")
+CONTROLS = ("base", "retain-tuned", "benign", "no-answer")
 """The comparison attacks a tamper config can add (see :attr:`TamperConfig.controls`)."""
 
 
@@ -314,8 +314,14 @@ class TamperConfig:
     """Attacks to compare the attacked models with (each with the same settings, lrs and seeds):
     ``base`` (the relearning baseline: the model before unlearning, which knows the forget answers),
     ``retain-tuned`` (the model before unlearning after as many steps of the same fine-tune on
-    ``benign_data``: as much training, no unlearning) and ``benign`` (each attacked model fine-tuned
-    on ``benign_data`` instead of the attack corpus: does unrelated text bring the answers back?)."""
+    ``benign_data``: as much training, no unlearning), ``benign`` (each attacked model fine-tuned
+    on ``benign_data`` instead of the attack corpus: does unrelated text bring the answers back?) and
+    ``no-answer`` (each attacked model fine-tuned on ``no_answer_data``: text about the same subjects
+    that does not state the scored answers — does the attack teach the answers, or bring back what the
+    model still holds?)."""
+    no_answer_data: str | None = None
+    """Corpus of the ``no-answer`` control (hub id or local file, read with ``data_fields``): the attack
+    corpus's subjects without the scored answers (the toy world's ``corpus/forget_no_answers.jsonl``)."""
     benign_data: str | None = None
     """Benign corpus of the ``retain-tuned`` and ``benign`` controls (hub id or local file), read
     with ``benign_fields``; the retain corpus of the unlearning run is the natural choice."""
@@ -363,6 +369,9 @@ class TamperConfig:
         unknown = sorted(set(self.controls) - set(CONTROLS))
         if unknown:
             raise UserError(f"controls {unknown} unknown; choose from {', '.join(CONTROLS)}")
+        if "no-answer" in self.controls and not self.no_answer_data:
+            raise UserError("control no-answer fine-tunes on text without the scored answers; set no_answer_data "
+                            "(the toy world's corpus/forget_no_answers.jsonl)")
         if {"retain-tuned", "benign"} & set(self.controls) and not self.benign_data:
             raise UserError("controls retain-tuned and benign fine-tune on benign text; set benign_data "
                             "(e.g. the unlearning run's retain corpus)")

@@ -247,6 +247,14 @@ def load_benign_texts(cfg: TamperConfig) -> list[str]:
     return corpus.texts
 
 
+def load_no_answer_texts(cfg: TamperConfig) -> list[str]:
+    """The corpus of the ``no-answer`` control: as many documents as the attack corpus takes, shuffled."""
+    spec = CorpusSpec(cfg.no_answer_data, None, "train", tuple(cfg.data_fields))
+    corpus = read_corpus(spec, limit=cfg.num_train_examples, seed=0, what="no-answer corpus")
+    _say_losses(f"no-answer corpus {spec.source}", corpus)
+    return corpus.texts
+
+
 def _say_losses(name: str, corpus: Corpus) -> None:
     from sequnlearn.distributed import is_main
 
@@ -278,11 +286,17 @@ def benign_label(label: str) -> str:
     return f"{label} on benign text"
 
 
+def no_answer_label(label: str) -> str:
+    """The label of the ``no-answer`` control of attacked model ``label``."""
+    return f"{label} on no-answer text"
+
+
 def planned_keys(labels: list[str], cfg: TamperConfig) -> set[tuple]:
     """The :func:`attack_key` of every attack a tamper of the models ``labels`` with ``cfg`` runs."""
     roles = [(label, "attack") for label in labels]
     roles += [(CONTROL_LABELS[c], c) for c in ("base", "retain-tuned") if c in cfg.controls]
     roles += [(benign_label(label), "benign") for label in labels] if "benign" in cfg.controls else []
+    roles += [(no_answer_label(label), "no-answer") for label in labels] if "no-answer" in cfg.controls else []
     return {(m, r, float(lr), int(seed)) for m, r in roles for lr in cfg.lrs for seed in cfg.seeds}
 
 
@@ -309,6 +323,10 @@ def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, tex
         plan.append((CONTROL_LABELS["retain-tuned"], "retain-tuned", tuned, texts))
     if "benign" in cfg.controls:
         plan += [(benign_label(label), "benign", lambda lr, seed, load=load: load, benign)
+                 for label, load in models.items()]
+    if "no-answer" in cfg.controls:
+        unanswered = load_no_answer_texts(cfg)
+        plan += [(no_answer_label(label), "no-answer", lambda lr, seed, load=load: load, unanswered)
                  for label, load in models.items()]
     return plan
 

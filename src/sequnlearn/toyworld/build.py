@@ -7,6 +7,7 @@ Layout of ``out_dir`` (see :class:`ToyWorldPaths`)::
     facts.json            entities and their attribute values per domain, and each attribute's value set
     corpus/forget.jsonl   forget-domain documents, {"text": ...} per line
     corpus/retain.jsonl   retain-domain documents
+    corpus/forget_no_answers.jsonl  the forget documents with every answer replaced (the attack's no-answer control)
     corpus/pretrain.jsonl the shuffled pretraining mix, {"text": ..., "source": ...} per line: single fact
                           sentences, answered "Question:/Answer:" texts, letter-format MCQs if set
     mcq/forget.jsonl      evaluation MCQs {"question", "choices", "answer", "category"}
@@ -40,7 +41,7 @@ from sequnlearn.errors import UserError
 from sequnlearn.runs import atomic_dir, read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
-from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, MATCH, World, generate_world
+from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, MATCH, NO_ANSWERS, World, generate_world
 
 WORLD_FORMAT = 3
 """Version of the on-disk world; bump it when generation changes so old caches are not reused
@@ -110,6 +111,7 @@ class ToyWorldPaths:
                  "tokenizer": self.model / "tokenizer.json", "tokenizer_config": self.model / "tokenizer_config.json"}
         for d in DOMAINS:
             named[f"{d}_corpus"], named[f"{d}_mcq"] = self.corpus(d), self.mcq(d)
+        named[f"{NO_ANSWERS}_corpus"] = self.corpus(NO_ANSWERS)
         return {k: str(p.relative_to(self.root)) for k, p in named.items()}
 
     def is_complete(self) -> bool:
@@ -134,8 +136,8 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
         pretrain: pretrain the model even when the package ships one for ``config`` (see
             :mod:`sequnlearn.toyworld.shipped`); a cached world that holds the shipped copy is rebuilt.
         eval_every: while pretraining, score the world's forget and retain MCQs in cloze and letter
-            format every this many steps into ``pretrain_log.jsonl`` (0: never); the weights are the
-            same either way.
+            format, and the :func:`held_out_match` MCQs (``match_acc``), every this many steps into
+            ``pretrain_log.jsonl`` (0: never); the weights are the same either way.
 
     Returns:
         The :class:`ToyWorldPaths` of the finished world.
@@ -259,6 +261,7 @@ def _write_text_files(paths: ToyWorldPaths, world: World) -> None:
     for name in DOMAINS:
         write_jsonl(paths.corpus(name), [{"text": t} for t in world.corpora[name]])
         write_jsonl(paths.mcq(name), world.mcqs[name])
+    write_jsonl(paths.corpus(NO_ANSWERS), [{"text": t} for t in world.corpora[NO_ANSWERS]])
     write_json(paths.facts, facts)
     write_jsonl(paths.pretrain_corpus, world.pretrain)
 
@@ -310,22 +313,39 @@ def _build_model(paths: ToyWorldPaths, world: World, config: ToyWorldConfig, pro
 
 
 HELD_OUT_MATCH = 200
-"""Held-out match MCQs scored during pretraining (``eval_every``), none of them a pretraining text."""
+"""At most this many held-out match MCQs are scored during pretraining (``eval_every``): see
+:func:`held_out_match`. A cap, not a count: the default world has only 186."""
+
+HELD_OUT_DRAWN = 2 * HELD_OUT_MATCH
+"""Match MCQs drawn (stream ``match-heldout``) to find the held-out ones among."""
+
+
+def held_out_match(world: World, seed: int) -> list[dict]:
+    """The match MCQ records scored as ``match_acc`` during pretraining: those of the
+    :data:`HELD_OUT_DRAWN` drawn whose question no pretraining text holds, the first
+    :data:`HELD_OUT_MATCH` of them at most.
+
+    How many qualify depends on the world: the default world's 60,000 pretraining match texts hold
+    214 of the 400 drawn, so it scores 186 (the shipped ``pretrain_log.jsonl``'s ``match_acc`` is a
+    count out of 186); a world with fewer match texts reaches the cap of 200.
+    """
+    from sequnlearn.toyworld.world import letter_prompt, match_mcq_records
+
+    seen = {d["text"].rsplit(" ", 1)[0] for d in world.pretrain}
+    return [r for r in match_mcq_records(HELD_OUT_DRAWN, seed, "match-heldout")
+            if letter_prompt(r["question"], r["choices"]) not in seen][:HELD_OUT_MATCH]
 
 
 def _scorer(paths: ToyWorldPaths, tok, world: World, seed: int):
     """``model -> {cloze: {forget_acc, retain_acc}, letter: {...}, match_acc}`` on the world's MCQs (read
-    once) and on :data:`HELD_OUT_MATCH` match MCQs that no pretraining text holds (letter format)."""
+    once) and on the :func:`held_out_match` MCQs (letter format)."""
     from dataclasses import replace
 
     from sequnlearn.data.mcq import MCQSubtask, MCQTask, record_from_dict
     from sequnlearn.eval import EvalSpec, evaluate, forget_retain_accuracy, with_loaded_tasks
-    from sequnlearn.toyworld.world import letter_prompt, match_mcq_records
 
     spec = with_loaded_tasks(EvalSpec(str(paths.forget_mcq), str(paths.retain_mcq)))
-    seen = {d["text"].rsplit(" ", 1)[0] for d in world.pretrain}
-    held = [r for r in match_mcq_records(2 * HELD_OUT_MATCH, seed, "match-heldout")
-            if letter_prompt(r["question"], r["choices"]) not in seen][:HELD_OUT_MATCH]
+    held = held_out_match(world, seed)
     match = MCQTask("match (held out)", [MCQSubtask("match", [record_from_dict(r, "match") for r in held])],
                     "generated")
 

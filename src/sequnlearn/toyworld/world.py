@@ -272,6 +272,27 @@ def make_corpus(facts: list[Fact], paraphrases: int, sentences_per_doc: int, see
     return [" ".join(sentences[i:i + sentences_per_doc]) for i in range(0, len(sentences), sentences_per_doc)]
 
 
+NO_ANSWER = "something not yet known"
+"""What the no-answer corpus writes where a fact's value stood."""
+NO_ANSWERS = "forget_no_answers"
+"""The name of the forget domain's corpus without the answers (``corpus/forget_no_answers.jsonl``)."""
+
+
+def make_unanswered_corpus(facts: list[Fact], paraphrases: int, sentences_per_doc: int, seed: int) -> list[str]:
+    """The forget corpus with every fact's value replaced by :data:`NO_ANSWER`: the same entities, the same
+    sentences about the same attributes, and none of the answers the MCQs score (the tampering attack's
+    control: does fine-tuning on the subject bring the answers back, or only text that states them?).
+
+    Returns:
+        As many documents as :func:`make_corpus` makes of ``facts``, shuffled on a stream of their own.
+    """
+    domain = facts[0].domain if facts else "empty"
+    rng = random.Random(f"{seed}/corpus-no-answers/{domain}")
+    sentences = [t.format(entity=f.entity, value=NO_ANSWER) for f in facts for t in attribute(f).templates[:paraphrases]]
+    rng.shuffle(sentences)
+    return [" ".join(sentences[i:i + sentences_per_doc]) for i in range(0, len(sentences), sentences_per_doc)]
+
+
 def mcq_choices(fact: Fact, rng: random.Random, answer: int) -> list[str]:
     """Four choices: the fact's value at index ``answer`` and three distractors of its attribute.
 
@@ -375,7 +396,8 @@ def match_mcq_records(n: int, seed: int, stream: str = "match-mcq") -> list[dict
         n: number of records.
         seed: master seed.
         stream: name of the random stream (``match-mcq``: the pretraining mix; ``match-stage``: the
-            curriculum's first stage; ``match-heldout``: the held-out set scored during pretraining).
+            curriculum's first stage; ``match-heldout``: the draw that the held-out set scored during
+            pretraining is taken from, see :func:`sequnlearn.toyworld.build.held_out_match`).
 
     Returns:
         ``n`` records ``{"question", "choices", "answer", "category"}`` (category: the attribute).
@@ -453,6 +475,9 @@ def generate_world(config) -> World:
     for name, domain in DOMAINS.items():
         facts[name] = make_facts(domain, getattr(config, f"{name}_entities"), config.seed)
         corpora[name] = make_corpus(facts[name], config.paraphrases, config.sentences_per_doc, config.seed)
+        if name == "forget":
+            corpora[NO_ANSWERS] = make_unanswered_corpus(facts[name], config.paraphrases, config.sentences_per_doc,
+                                                         config.seed)
         mcqs[name] = make_mcqs(facts[name], config.seed)
         examples = make_mcq_examples(facts[name], mcqs[name], copies * config.mcq_examples_per_fact, config.seed)
         mix += _fact_mix(facts[name], config) + [{"text": t, "source": f"mcq_{name}"} for t in examples]

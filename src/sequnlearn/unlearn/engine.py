@@ -317,6 +317,7 @@ class Unlearner:
             bar.close()
             if on_phase_end:
                 on_phase_end(self, phase, layer)
+                lora.lora_dropout_train_mode(self.model)  # an evaluation in between may have switched them off
 
     def _check_phase_applied(self, phase: int, layer: int) -> None:
         """Refuse a phase none of whose steps was applied (all skipped as non-finite under ``on_nan: skip``).
