@@ -32,8 +32,20 @@ SHAPES: dict[str, dict[str, int]] = {
                       vocab_size=50304),
     "deep-ignorance-6.9b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32,
                                 intermediate_size=16384, vocab_size=50304),  # the reference's model (6.86B)
+    # Pythia-1B's depth and heads at a width a CPU steps through (op_count.py): how many ops a step makes
+    # depends on the layers, row groups, head chunks and micro-batches, not on the width or the vocabulary
+    "pythia-1b-w64": dict(num_hidden_layers=16, hidden_size=64, num_attention_heads=8, intermediate_size=256,
+                          vocab_size=4096),
+    "pythia-1b-w128": dict(num_hidden_layers=16, hidden_size=128, num_attention_heads=8, intermediate_size=512,
+                           vocab_size=8192),
+    # smoke tests of the benchmark scripts (two widths, one depth)
+    "tiny": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=256),
+    "tiny-w64": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=512),
 }
 RESULTS = Path(__file__).parent / "results"
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero", "aten::equal")
+"""ATen ops that make the host wait for a GPU (``item``, ``bool``, boolean-mask indexing, ...)."""
 
 
 def gpt_neox(shape: str, *, dtype: torch.dtype, device: torch.device, max_len: int = 2048,
@@ -86,6 +98,16 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """The benchmarks' model weights: bf16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu``."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def synchronize(device: torch.device) -> None:

@@ -26,6 +26,7 @@ agree within float tolerance, or the ratios do not count.
     python benchmarks/unlearn_step.py --small                # a few minutes on a CPU
     python benchmarks/unlearn_step.py --small --threads 0    # torch's thread count (all cores)
     python benchmarks/unlearn_step.py --steps 5 --json /tmp/step.json
+    python benchmarks/unlearn_step.py --small --set row_group_tokens=8192 --set pad_multiple=64   # GPU settings
     PYTHONPATH=/tmp/old/src python benchmarks/unlearn_step.py --small   # another engine version
 
 Prints a line per setting and one summary line per ratio; writes JSON to
@@ -42,7 +43,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -54,7 +55,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _common import (RESULTS, SHAPES, Worker, current_rss_bytes, gpt_neox, load_average, median, mib,  # noqa: E402
-                     peak_memory_bytes, random_sequences, sequence_lengths, serve, synchronize)
+                     model_dtype, peak_memory_bytes, random_sequences, sequence_lengths, serve, synchronize)
 
 if TYPE_CHECKING:
     from sequnlearn.config import UnlearnConfig
@@ -84,6 +85,9 @@ class Setup:
     device: str
     threads: int
     checkpointing: bool = False
+    overrides: dict = field(default_factory=dict)
+    """Engine config keys (``--set KEY=VALUE``) over :func:`unlearn_config`'s, for both variants: the naive one
+    takes its coefficients, optimizer settings and ``mixed_precision`` from the same config."""
 
 
 # ---------------------------------------------------------------------- data and model
@@ -129,13 +133,36 @@ def perturb_lora(model: torch.nn.Module, seed: int) -> None:
 
 
 def unlearn_config(s: Setup) -> UnlearnConfig:
-    """The engine config of this setup (no LoRA dropout, so both variants are deterministic)."""
-    from sequnlearn.config import UnlearnConfig
+    """The engine config of this setup (no LoRA dropout, so both variants are deterministic), with its overrides.
+
+    Raises:
+        UserError: an override names an unknown key or gives a bad value.
+    """
+    from sequnlearn.config import UnlearnConfig, build
 
     n = s.batch_size * (s.warmup + s.steps)
-    return UnlearnConfig(model="benchmark", layers=[s.layer], retain_loss=s.retain, lora_dropout=0.0,
-                         per_device_batch_size=s.batch_size, global_batch_size=s.batch_size, num_train_examples=n,
-                         max_length=s.max_len, seed=s.seed, gradient_checkpointing=s.checkpointing)
+    return build(UnlearnConfig, dict(model="benchmark", layers=[s.layer], retain_loss=s.retain, lora_dropout=0.0,
+                                     per_device_batch_size=s.batch_size, global_batch_size=s.batch_size,
+                                     num_train_examples=n, max_length=s.max_len, seed=s.seed,
+                                     gradient_checkpointing=s.checkpointing, **s.overrides))
+
+
+def with_overrides(s: Setup, items: list[str]) -> Setup:
+    """``s`` with the ``--set KEY=VALUE`` options (values read as YAML) added to its engine config overrides.
+
+    Stops with a one-line message (exit status 2) when an option is not ``KEY=VALUE`` or the config it
+    makes is not valid (unknown key, bad value), before any worker starts.
+    """
+    from sequnlearn.config import parse_override
+    from sequnlearn.errors import UserError
+
+    try:
+        out = replace(s, overrides={**s.overrides, **dict(parse_override(i) for i in items)})
+        unlearn_config(replace(out, retain=out.retain or "l2"))  # the base setup has no retain loss yet
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return out
 
 
 # ---------------------------------------------------------------------- the two variants
@@ -145,6 +172,7 @@ class Naive:
     """The reference pattern: deep-copied original, full forwards, padding to max length."""
 
     def __init__(self, model: torch.nn.Module, s: Setup, device: torch.device):
+        from sequnlearn.distributed import Process
         from sequnlearn.model import adapter as lora
         from sequnlearn.model.layers import architecture
 
@@ -160,7 +188,7 @@ class Naive:
         self.cur_arch, self.orig_arch = architecture(self.model), architecture(self.original)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.autocast = Process(device=device).autocast  # the engine's mixed precision (auto: bf16 on a GPU only)
 
     def forget_loss(self, ids: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Full LoRA forward (hook at layer L) → the copy's layers L+1..N, norm, head at every position."""
@@ -201,7 +229,7 @@ class Naive:
 
         fc, rc = coefficients(progress(i, self.s.warmup + self.s.steps), self.cfg.remove_coef, self.cfg.retain_coef)
         fb, rb = (pad_to(seqs, self.s.max_len, self.device) for seqs in batch)
-        with self.autocast:
+        with self.autocast(self.cfg.mixed_precision):
             f = self.forget_loss(*fb, target_generator(self.s.seed, i))
             r = self.retain_loss(*rb)
         (fc * f + rc * r).backward()
@@ -273,8 +301,7 @@ def worker(s: Setup) -> None:
     if s.threads and device.type == "cpu":
         torch.set_num_threads(s.threads)
     batches = make_batches(s)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = gpt_neox(s.shape, dtype=dtype, device=device, max_len=s.max_len)
+    model = gpt_neox(s.shape, dtype=model_dtype(device), device=device, max_len=s.max_len)
     model_rss = current_rss_bytes()
     step = Naive(model, s, device).step if s.variant == "naive" else engine_runner(model, s, batches, device)
 
@@ -390,6 +417,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker on the CPU; 0: torch's choice")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine config key for both variants, e.g. --set row_group_tokens=8192 (repeatable)")
     p.add_argument("--json", default=str(RESULTS / "unlearn_step.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -405,10 +434,12 @@ def main(argv: list[str] | None = None) -> None:
     max_len = args.max_length or (512 if args.small else 2048)
     depth = SHAPES[shape]["num_hidden_layers"]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    base = Setup("", shape, "", "", args.layer if args.layer is not None else depth * 22 // 32, args.batch_size,
-                 max_len, args.median_length or max_len // 8, args.sigma, args.steps, args.warmup, args.seed, device,
-                 args.threads, args.checkpointing)
-    rtol, atol = (1e-4, 1e-6) if device == "cpu" else (3e-2, 1e-3)  # fp32 vs bf16
+    layer = args.layer if args.layer is not None else depth * 22 // 32
+    base = with_overrides(Setup("", shape, "", "", layer, args.batch_size, max_len, args.median_length or max_len // 8,
+                                args.sigma, args.steps, args.warmup, args.seed, device, args.threads,
+                                args.checkpointing), args.set)
+    half = device != "cpu" or base.overrides.get("mixed_precision") in ("bf16", "fp16")
+    rtol, atol = (3e-2, 1e-3) if half else (1e-4, 1e-6)  # bf16 vs fp32
     both = {"lengths": ["realistic", "fixed"], "retain": ["l2", "kl"]}
     settings = [(ln, rt) for ln in (both["lengths"] if args.lengths == "both" else [args.lengths])
                 for rt in (both["retain"] if args.retain == "both" else [args.retain])]
