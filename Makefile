@@ -29,8 +29,10 @@ demo: $(STAMP)
 # then each sweep's baseline row); the attack on every unlearning seed of the best L2 and best KL setting,
 # in cloze and in letter format, with its controls (the base model, benign text, and a corpus about the
 # same entities that does not state the scored answers); the report and the seven findings decided by
-# `report --findings`; the shipped files copied into docs/toy-world-findings/. Not yet timed at this size
-# (the three-seed version took about an hour on 2 idle cores: expect three or more).
+# `report --findings`; the shipped files copied into docs/toy-world-findings/. About 1 h 25 min on 2 idle
+# cores (measured 2026-12-04, one thread each: a sweep point 92 s with its two-style evaluation, an attack
+# 42 s; 75 points two at a time, then 2 x 31 attacks two at a time). Interrupted, run it again: finished
+# sweep points are kept (the tamper step starts over).
 FINDINGS := runs/findings
 SEEDS    := 1 2 3 4 5
 SWEEPS   := toy-l2 toy-kl toy-l2-vs-kl
@@ -46,10 +48,10 @@ findings: $(STAMP)
 	done | xargs -P 2 -L 1 sh -c '$(SWEEP1) "$$0" --only "$$1" > /dev/null' || exit 1
 	for s in $(SWEEPS); do $(SWEEP1) $$s --baseline > /dev/null || exit 1; done
 	for style in cloze letter; do \
-	  $(TAMPER) $(ATTACKED) --preset toy-tamper --controls base,benign,no-answer --seeds 1 --style $$style \
-	    --no-answer-data runs/toyworld/corpus/forget_no_answers.jsonl --out $(FINDINGS)/tamper-$$style --overwrite \
-	    > /dev/null || exit 1; \
-	done
+	  echo $$style; \
+	done | xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 $(TAMPER) $(ATTACKED) --preset toy-tamper --controls base,benign,no-answer \
+	  --seeds 1 --style {} --no-answer-data runs/toyworld/corpus/forget_no_answers.jsonl --out $(FINDINGS)/tamper-{} \
+	  --overwrite > /dev/null' || exit 1
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report $(foreach s,$(SWEEPS),runs/sweeps/$(s)) $(FINDINGS)/tamper-cloze \
 	  $(FINDINGS)/tamper-letter --out $(FINDINGS)/report --findings
 	mkdir -p docs/toy-world-findings
