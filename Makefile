@@ -29,7 +29,8 @@ demo: $(STAMP)
 # then each sweep's baseline row); the attack on every unlearning seed of the best L2 and best KL setting,
 # in cloze and in letter format, with its controls (the base model, benign text, and a corpus about the
 # same entities that does not state the scored answers); the report and the seven findings decided by
-# `report --findings`; the shipped files copied into docs/toy-world-findings/. About 1 h 25 min on 2 idle
+# `report --findings`; the shipped files copied into docs/toy-world-findings/ (accuracy_per_phase.png and
+# audit.png there come from `make demo`). About 1 h 25 min on 2 idle
 # cores (measured 2026-12-04, one thread each: a sweep point 92 s with its two-style evaluation, an attack
 # 42 s; 75 points two at a time, then 2 x 31 attacks two at a time). Interrupted, run it again: finished
 # sweep points are kept (the tamper step starts over).
@@ -47,16 +48,16 @@ findings: $(STAMP)
 	  seq 0 $$((n - 1)) | sed "s/^/$$s /"; \
 	done | xargs -P 2 -L 1 sh -c '$(SWEEP1) "$$0" --only "$$1" > /dev/null' || exit 1
 	for s in $(SWEEPS); do $(SWEEP1) $$s --baseline > /dev/null || exit 1; done
-	for style in cloze letter; do \
-	  echo $$style; \
-	done | xargs -P 2 -I{} sh -c 'OMP_NUM_THREADS=1 $(TAMPER) $(ATTACKED) --preset toy-tamper --controls base,benign,no-answer \
-	  --seeds 1 --style {} --no-answer-data runs/toyworld/corpus/forget_no_answers.jsonl --out $(FINDINGS)/tamper-{} \
-	  --overwrite > /dev/null' || exit 1
+	printf 'cloze\nletter\n' | xargs -P 2 -L 1 sh -c 'OMP_NUM_THREADS=1 $(TAMPER) $(ATTACKED) --preset toy-tamper \
+	  --controls base,benign,no-answer --seeds 1 --style "$$0" --no-answer-data runs/toyworld/corpus/forget_no_answers.jsonl \
+	  --out $(FINDINGS)/tamper-"$$0" --overwrite > /dev/null' || exit 1
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report $(foreach s,$(SWEEPS),runs/sweeps/$(s)) $(FINDINGS)/tamper-cloze \
 	  $(FINDINGS)/tamper-letter --out $(FINDINGS)/report --findings
 	mkdir -p docs/toy-world-findings
-	cp $(FINDINGS)/report/report_seeds.csv $(FINDINGS)/report/report_styles.csv $(FINDINGS)/report/tamper_curves.csv \
-	  $(FINDINGS)/report/findings.md $(FINDINGS)/report/findings.json $(FINDINGS)/report/*.png docs/toy-world-findings/
+	cd $(FINDINGS)/report && cp report_seeds.csv report_styles.csv tamper_curves.csv findings.md findings.json \
+	  tradeoff.png forget_vs_remove_coef.png tamper_cloze.png tamper_letter.png $(CURDIR)/docs/toy-world-findings/
+	cp $(FINDINGS)/report/report.csv docs/toy-world-findings/sweeps.csv
+	cp $(FINDINGS)/report/losses.png docs/toy-world-findings/losses_toy-l2.png
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/unlearn_step.py --small

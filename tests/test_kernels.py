@@ -53,17 +53,22 @@ def _step_grads(engine) -> tuple[list[float], dict]:
     return losses, grads
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-group", "rounded-groups"])
 @pytest.mark.parametrize("retain", [{"retain_loss": "l2"}, {"retain_loss": "kl"},
                                     {"retain_loss": "l2", "l2_reduction": "padded_states"}])
-def test_the_gpu_path_settings_give_the_cpu_path_losses_and_gradients(tmp_path, retain):
+def test_the_gpu_path_settings_give_the_cpu_path_losses_and_gradients(tmp_path, retain, split):
     common = dict(lora_dropout=0.0, num_train_examples=32, **retain)
     # the CPU path with the math attention kernel (torch's CPU default may be flash) and small head chunks
     cpu = make_engine(tmp_path / "cpu", **common, sdpa_backend="math", head_chunk_rows=16, pad_multiple=1,
                       row_group_tokens=0)
-    gpu = make_engine(tmp_path / "gpu", **common, **GPU_PATH)
-    assert gpu.settings.pad_multiple == 64 and gpu.settings.sdpa_backend == "flash"
-    lengths = [len(s) for s in cpu.data.forget[:4]]
-    assert len(set(lengths)) > 1 and len(row_groups(lengths, 0)) > 1  # rows of several lengths: the CPU path splits
+    # split: groups of rows padded to a multiple of 16 (tiny rows are shorter than 64) within one micro-batch
+    gpu = make_engine(tmp_path / "gpu", **common, **{**GPU_PATH, **({"row_group_tokens": 0, "pad_multiple": 16}
+                                                                     if split else {})})
+    assert gpu.settings.sdpa_backend == "flash"
+    _, fb, _ = next(cpu._micro_batches(0, 0))
+    assert len(set(fb.lengths)) > 1 and len(row_groups(fb.lengths, 0)) > 1  # rows of several lengths: the CPU path splits
+    if split:
+        assert len(row_groups(fb.lengths, 0, 16)) > 1 and any(x % 16 for x in fb.lengths)
     (cpu_losses, cpu_grads), (gpu_losses, gpu_grads) = _step_grads(cpu), _step_grads(gpu)
     assert gpu_losses == pytest.approx(cpu_losses, rel=1e-5)
     assert cpu_grads.keys() == gpu_grads.keys() and cpu_grads

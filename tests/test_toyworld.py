@@ -553,3 +553,14 @@ def test_the_no_answer_corpus_names_every_forget_entity_and_states_no_answer():
     assert {f.entity for f in w.facts["forget"]} <= set(re.findall(r"\w+", text))
     assert len(w.corpora[NO_ANSWERS]) == len(w.corpora["forget"]) and NO_ANSWER in text
     assert generate_world(ToyWorldConfig.reduced()).corpora == w.corpora  # seeded: the same world every time
+
+
+def test_a_world_built_before_the_no_answer_corpus_gets_it_and_keeps_its_model(tmp_path):
+    config = ToyWorldConfig.reduced()
+    paths = build_world(tmp_path / "w", config, progress=False, threads=1)
+    weights = paths.model / "model.safetensors"
+    before = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    paths.corpus(NO_ANSWERS).unlink()  # as a world built before the file existed
+    again = build_world(tmp_path / "w", config, progress=False, threads=1)
+    assert again.corpus(NO_ANSWERS).is_file()
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == before  # reused, not pretrained again

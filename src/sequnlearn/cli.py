@@ -324,6 +324,10 @@ def _run_tamper(args, out: Path, proc, run) -> dict:
                 return run(stage)
         with hold_lock(out, main=proc.is_main and out.is_dir()):  # a new --out appears with tamper.json
             return run(out)
+    except UserError as e:
+        if replace:
+            raise UserError(f"{e} (the previous result in {out} is as it was)") from None
+        raise
     except TamperInterrupted as e:
         if replace:
             print(f"\ninterrupted; the previous result in {out} is as it was", file=sys.stderr)

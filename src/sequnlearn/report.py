@@ -707,19 +707,27 @@ def _runs_section(runs: list[dict], baselines: list[dict], out: Path) -> tuple[s
 
 
 def _tamper_section(tampers: list[tuple[Path, dict]], out: Path) -> tuple[str, list[str]]:
-    """A table per ``tamper.json`` (:func:`tamper_table`), one ``tamper.png`` of all their attacks and
-    ``tamper_curves.csv``, every point of every attack (:func:`tamper_curve_rows`).
+    """A table per ``tamper.json`` (:func:`tamper_table`), a plot of their attacks per scoring style
+    (``tamper.png``; ``tamper_<style>.png`` each when the attacks were scored in several: an attack scored
+    in cloze and in letter format is two curves, never one mean) and ``tamper_curves.csv``, every point
+    of every attack (:func:`tamper_curve_rows`).
 
     Returns:
         ``(markdown tables, file names written)``; both empty without tampering results.
     """
     if not tampers:
         return "", []
-    merged = {**tampers[0][1], "runs": [r for _, t in tampers for r in t["runs"]]}
-    plot_tamper(merged, out / "tamper.png")
+    styles: dict[str, list[dict]] = {}
+    for _, t in tampers:
+        styles.setdefault((t.get("config") or {}).get("eval_style") or "letter", []).append(t)
+    plots = []
+    for style, results in styles.items():
+        name = "tamper.png" if len(styles) == 1 else f"tamper_{style}.png"
+        plot_tamper({**results[0], "runs": [r for t in results for r in t["runs"]]}, out / name)
+        plots.append(name)
     atomic_write_text(out / "tamper_curves.csv", csv_text(tamper_curve_rows(tampers)))
     return "".join(f"\n## Tampering attack ({p.parent})\n\n{tamper_table(t)}{_interrupted_note(t)}"
-                   for p, t in tampers), ["tamper.png", "tamper_curves.csv"]
+                   for p, t in tampers), [*plots, "tamper_curves.csv"]
 
 
 def _interrupted_note(result: dict) -> str:

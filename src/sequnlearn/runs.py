@@ -348,9 +348,15 @@ def _flock(fd: int, mode: int, out: Path) -> bool:
     except OSError as e:
         from sequnlearn.errors import warn
 
-        warn(f"{out}: this filesystem cannot lock files ({e.strerror or e}); make sure no other sequnlearn "
-             "command writes the same directory")
+        if str(out) not in _UNLOCKABLE:
+            _UNLOCKABLE.add(str(out))
+            warn(f"{out}: this filesystem cannot lock files ({e.strerror or e}); make sure no other sequnlearn "
+                 "command writes the same directory")
         return True
+
+
+_UNLOCKABLE: set[str] = set()
+"""Directories whose filesystem has no ``flock`` (said once each)."""
 
 
 def check_unlocked(out: str | os.PathLike) -> None:

@@ -357,9 +357,8 @@ def previous_result(out: Path, labels: list[str], cfg: TamperConfig) -> dict | N
 
     previous = io.read_json(out / "tamper.json", "tamper result", kind=dict)
     diff = changed_keys(previous.get("config") or {}, cfg)
-    stored = previous.get("models") or list(dict.fromkeys(r["model"] for r in previous.get("runs", [])
-                                                          if r.get("role") == "attack"))
-    if diff or stored != labels:
+    stored = previous.get("models")  # a tamper.json from before models were recorded: its config decides
+    if diff or (stored is not None and sorted(stored) != sorted(labels)):
         what = f"another config ({', '.join(diff)})" if diff else f"other models ({', '.join(stored)})"
         raise UserError(f"--resume: the tamper result in {out} was made with {what}; resume with the same settings "
                         "and models, or choose another --out")
@@ -426,8 +425,8 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
                         write_json(out / "tamper.json", {**result, "diverged": {**entry, "curve": curve}})
                     raise UserError(f"the attack on {label} (lr {lr:g}, seed {seed}) diverged after step "
                                     f"{curve[-1]['step'] if curve else 0}: its weights or logits became non-finite, "
-                                    f"so it is not scored; lower the attack's lr ({len(runs)} finished attacks are "
-                                    f"in {out}/tamper.json)") from None
+                                    f"so it is not scored; start again with a lower lr (and --overwrite); "
+                                    f"{len(runs)} attacks had finished") from None
                 runs.append({**entry, "curve": curve})
                 result.update(worst_case=worst_case(runs), wall_s=time.time() - t0)
                 if main:

@@ -225,13 +225,15 @@ def count_truncated(texts: list[str], seqs: list[list[int]], tokenizer, max_leng
     return sum(len(s) > max_length for s in tokenize(full, tokenizer, max_length + 1)) if full else 0
 
 
-def collate(seqs: list[list[int]], pad_id: int, *, multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence of this batch, rounded up to a multiple of ``multiple``.
+def collate(seqs: list[list[int]], pad_id: int, *, multiple: int = 1, cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence of this batch, rounded up to a multiple of ``multiple`` but not
+    past ``cap`` (the tokens a row may have: a model's positions end there).
 
     Returns:
         ``input_ids`` and ``attention_mask``, both ``(B, T)``.
     """
-    T = -(-max(len(s) for s in seqs) // multiple) * multiple
+    longest = max(len(s) for s in seqs)
+    T = max(longest, min(-(-longest // multiple) * multiple, cap if cap is not None else longest * multiple))
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):

@@ -151,6 +151,7 @@ def build_world(out_dir: str | os.PathLike, config: ToyWorldConfig | None = None
     paths = ToyWorldPaths(Path(out_dir))
     if paths.root.exists() and not paths.root.is_dir():
         raise UserError(f"toy world out dir {paths.root} is a file; give a directory path")
+    _add_derived_files(paths, config)
     if _cached(paths, config, overwrite, pretrain):
         _say(progress, f"toy world: reusing {paths.root} (built earlier with the same config)")
         return paths
@@ -208,6 +209,22 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool, pretr
         raise UserError(f"{paths.root} holds a toy world built with a different config (differs in "
                         f"{', '.join(diff)}); pick another --out, or pass --overwrite (overwrite=True) to rebuild it")
     return False  # same config, older world format (a cache of older code) or unfinished: rebuilt
+
+
+def _add_derived_files(paths: ToyWorldPaths, config: ToyWorldConfig) -> None:
+    """Write the no-answer corpus into a finished world of this config built before that file existed (it
+    is text generated from the config; the model and every other file stay as they are)."""
+    target = paths.corpus(NO_ANSWERS)
+    if target.exists() or not paths.world_json.is_file():
+        return
+    try:
+        info = read_json(paths.world_json)
+    except (OSError, json.JSONDecodeError, UserError):
+        return
+    others = [p for k, p in paths.files().items() if k != f"{NO_ANSWERS}_corpus"]
+    if (not config.differences(info.get("config")) and info.get("format") == WORLD_FORMAT
+            and all((paths.root / p).is_file() for p in others)):
+        write_jsonl(target, [{"text": t} for t in generate_world(config).corpora[NO_ANSWERS]])
 
 
 _OWN_NAMES = {"world.json", "facts.json", "pretrain_log.jsonl", "corpus", "mcq", "model"}

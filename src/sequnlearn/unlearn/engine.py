@@ -157,7 +157,7 @@ class Unlearner:
 
     def _host_batch(self, seqs: list[list[int]]) -> "HostBatch":
         """Collate on the host, keep the row lengths there, move the tensors to the device."""
-        batch = collate(seqs, self.data.pad_id, multiple=self.settings.pad_multiple)
+        batch = collate(seqs, self.data.pad_id, multiple=self.settings.pad_multiple, cap=self.cfg.max_length)
         return HostBatch({k: to_device(v, self.proc.device) for k, v in batch.items()}, [len(s) for s in seqs])
 
     def optimizer_step(self, phase: int, layer: int) -> dict:
@@ -551,8 +551,8 @@ def check_resume_inputs(stored: dict, found: dict, run: RunDir) -> None:
     changed = [f"the {kind} corpus" for kind, fp in (found.get("data") or {}).items()
                if kind in (stored.get("data") or {}) and stored["data"][kind] != fp]
     old, new = stored.get("model") or {}, found.get("model") or {}
-    if any(old.get(k) is not None and new.get(k) is not None and old[k] != new[k] for k in ("weights_sha256", "commit")):
-        changed.append("the model's weights")
+    if any(old.get(k) is not None and old[k] != new.get(k) for k in ("weights_sha256", "commit")):
+        changed.append("the model's weights")  # also a hash the run had and this model cannot give
     if changed:
         raise UserError(f"--resume: {' and '.join(changed)} differ from what the run in {run.root} started with "
                         "(provenance.json); resume with the same inputs, or start a new --out")

@@ -47,8 +47,8 @@ def attention_kernels(backend: str):
     checkpointed recomputation) must run inside the same one."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if backend == "flash":
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    if backend == "flash":  # math only where neither kernel takes the inputs (it has the lowest priority)
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
     if backend == "math":
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
