@@ -65,3 +65,37 @@ def test_layer_order_reference_schedule():
         layer_order(16, 28, 4)
     with pytest.raises(UserError, match="positive"):
         layer_order(28, 16, 0)
+
+
+def test_topk_entropy_hand_computed():
+    # the 2 largest of [3, 1, 0, 2] are 3 and 2: q = softmax([3, 2]) = [e/(e+1), 1/(e+1)]
+    logits = torch.tensor([[3.0, 1.0, 0.0, 2.0]], requires_grad=True)
+    q = [math.e / (math.e + 1), 1 / (math.e + 1)]
+    kl = -math.log(2) - (math.log(q[0]) + math.log(q[1])) / 2  # KL(uniform_2 ‖ q)
+    loss = losses.topk_entropy(logits, 2)
+    assert loss.item() == pytest.approx(kl / math.log(2), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    # d/d top-k logits: (softmax_k − 1/k) / log k; the other two logits get none
+    want = [(q[0] - 0.5) / math.log(2), 0.0, 0.0, (q[1] - 0.5) / math.log(2)]
+    torch.testing.assert_close(grad[0], torch.tensor(want), rtol=1e-5, atol=1e-7)
+    flat_top = torch.tensor([[5.0, 5.0, 5.0, -9.0]])  # the top 3 equal: at the maximum entropy
+    assert losses.topk_entropy(flat_top, 3).item() == pytest.approx(0.0, abs=1e-7)
+    assert losses.topk_entropy(flat_top, 4).item() > 0.1  # the fourth is far below
+
+
+def test_topk_entropy_is_a_forget_loss_of_the_engine(tmp_path):
+    from sequnlearn.config import load_config
+    from sequnlearn.errors import UserError
+    from sequnlearn.runs import RunDir, read_jsonl
+    from sequnlearn.unlearn.engine import unlearn
+
+    run = unlearn(load_config(preset="tiny", overrides=["forget_loss=topk_entropy", "forget_top_k=16"]),
+                  RunDir(tmp_path / "r"))
+    lines = read_jsonl(run.metrics)
+    assert lines and all(0 <= x["forget_loss"] < 1 for x in lines) and run.is_finished()
+    with pytest.raises(UserError, match="forget_top_k 1000 is above the model's vocabulary"):
+        unlearn(load_config(preset="tiny", overrides=["forget_loss=topk_entropy", "forget_top_k=1000"]),
+                RunDir(tmp_path / "r2"))
+    assert not (tmp_path / "r2").exists()
+    with pytest.raises(UserError, match="forget_top_k must be >= 2"):
+        load_config(preset="tiny", overrides=["forget_top_k=1"])

@@ -30,6 +30,8 @@ CASES = {
                   lambda h, o, w, b, t: losses.random_target_ce(F.linear(h, w, b), t)),
     "max_entropy": (lambda h, o, w, b, t, c: losses.max_entropy_from_hidden(h, w, b, chunk_rows=c),
                     lambda h, o, w, b, t: losses.max_entropy(F.linear(h, w, b))),
+    "topk_entropy": (lambda h, o, w, b, t, c: losses.topk_entropy_from_hidden(h, w, b, 7, chunk_rows=c),
+                     lambda h, o, w, b, t: losses.topk_entropy(F.linear(h, w, b), 7)),
     "kl": (lambda h, o, w, b, t, c: losses.kl_retain_from_hidden(h, o, w, b, chunk_rows=c),
            lambda h, o, w, b, t: losses.kl_retain(F.linear(h, w, b), F.linear(o, w, b))),
 }

@@ -81,7 +81,11 @@ class UnlearnConfig:
     the method is defined for) or ``any`` (any order, for experiments). A repeated layer is always refused."""
 
     forget_loss: str = "random_ce"
-    """random_ce (cross-entropy to uniformly random targets / log V) or max_entropy (KL to uniform)."""
+    """random_ce (cross-entropy to uniformly random targets / log V), max_entropy (KL to uniform / log V) or
+    topk_entropy (KL to uniform over the ``forget_top_k`` largest logits at each token / log K: the
+    reference authors' later top-K entropy)."""
+    forget_top_k: int = 100
+    """K of ``forget_loss: topk_entropy`` (2 to the vocabulary size)."""
     retain_loss: str = "l2"
     """l2 (hidden states of the retain layers) or kl (KL(original ‖ current) on logits)."""
     retain_layers: list[int] | None = None
@@ -177,7 +181,8 @@ class UnlearnConfig:
         coerce_fields(self)
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy"))
+        _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy", "topk_entropy"))
+        _at_least("forget_top_k", self.forget_top_k, 2)
         _choice("retain_loss", self.retain_loss, ("l2", "kl"))
         _choice("schedule_scope", self.schedule_scope, ("phase", "run"))
         _choice("ramp_unit", self.ramp_unit, ("step", "micro_batch"))

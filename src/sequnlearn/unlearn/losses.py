@@ -39,6 +39,20 @@ def max_entropy(logits: torch.Tensor) -> torch.Tensor:
     return kl.mean() / math.log(V)
 
 
+def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`max_entropy` over the ``k`` largest logits at each token: KL(uniform_k ‖ q) / log k with q the
+    softmax of those ``k`` logits; 0 exactly when they are all equal. The other logits get no gradient.
+
+    Args:
+        logits: ``(N, V)`` logits at the real tokens; ``2 <= k <= V``.
+
+    Returns:
+        Scalar: mean over tokens of ``(-log k - mean_j log q_j) / log k``.
+    """
+    logq = F.log_softmax(logits.float().topk(k, dim=-1).values, dim=-1)  # (N, k)
+    return (-math.log(k) - logq.mean(dim=-1)).mean() / math.log(k)
+
+
 def real_tokens(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` ``(B, T, ...)`` at real tokens, in row-major order: ``(N, ...)``.
 
@@ -172,6 +186,32 @@ def max_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.T
         return total, logp.exp_().sub_(1.0 / V)  # d(−mean log p)/d logits = softmax − 1/V
 
     return _head_loss(h, None, weight, bias, rows, 1.0 / (_count(h) * math.log(V)), chunk_rows)
+
+
+def topk_entropy_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
+                             chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`topk_entropy` of ``F.linear(h, weight, bias)`` without the full logits.
+
+    Args:
+        h: ``(N, D)`` final-norm outputs at the real tokens; weight ``(V, D)``; bias ``(V,)`` or None.
+        k: logits per token the entropy is taken over.
+
+    Returns:
+        Scalar, as :func:`topk_entropy`.
+    """
+    if _trainable(weight, bias):
+        return topk_entropy(F.linear(h, weight, bias), k)
+
+    def rows(logits: torch.Tensor, _other, sl: slice, need: bool):
+        top, index = logits.topk(k, dim=-1)  # (n, k)
+        logq = top.sub_(torch.logsumexp(top, dim=-1, keepdim=True))  # log-softmax over the k, in place
+        total = (-math.log(k) - logq.mean(dim=-1)).sum()
+        if not need:
+            return total, None
+        # d(−mean log q)/d top-k logits = softmax_k − 1/k; zero for the other logits
+        return total, logits.zero_().scatter_(1, index, logq.exp_().sub_(1.0 / k))
+
+    return _head_loss(h, None, weight, bias, rows, 1.0 / (_count(h) * math.log(k)), chunk_rows)
 
 
 def kl_retain_from_hidden(h_current: torch.Tensor, h_original: torch.Tensor, weight: torch.Tensor,

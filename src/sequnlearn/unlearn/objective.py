@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from sequnlearn.config import UnlearnConfig
+from sequnlearn.errors import UserError
 from sequnlearn.model.layers import Architecture, check_layers, hidden_after, run_layers
 from sequnlearn.unlearn import losses
 
@@ -48,6 +49,9 @@ class Objective:
                  chunk_rows: int = losses.CHUNK_ROWS):
         self.cfg, self.arch, self.checkpointing, self.fsdp = cfg, arch, checkpointing, sharded
         self.chunk_rows = chunk_rows  # tokens whose logits the fused head losses form at once
+        vocab = arch.head.weight.shape[0]
+        if cfg.forget_loss == "topk_entropy" and cfg.forget_top_k > vocab:
+            raise UserError(f"forget_top_k {cfg.forget_top_k} is above the model's vocabulary ({vocab}); lower it")
         self.retain_layers = cfg.retain_layers if cfg.retain_layers is not None else list(range(arch.num_layers))
         check_layers(arch, self.retain_layers)
 
@@ -84,14 +88,19 @@ class Objective:
         if self.cfg.forget_loss == "random_ce":
             drawn = targets(h.shape[0]) if targets else torch.randint(vocab, (h.shape[0],), generator=gen)
             targets = to_device(drawn, h.device)  # (N,)
+        k = self.cfg.forget_top_k
         if head is None:  # e.g. an adapter on the head itself: the plain logits
             logits = self.arch.logits(h)  # (N, V)
             if self.cfg.forget_loss == "max_entropy":
                 return losses.max_entropy(logits)
+            if self.cfg.forget_loss == "topk_entropy":
+                return losses.topk_entropy(logits, k)
             return losses.random_target_ce(logits, targets)
         h = self.arch.norm(h)  # (N, D)
         if self.cfg.forget_loss == "max_entropy":
             return losses.max_entropy_from_hidden(h, *head, chunk_rows=self.chunk_rows)
+        if self.cfg.forget_loss == "topk_entropy":
+            return losses.topk_entropy_from_hidden(h, *head, k, chunk_rows=self.chunk_rows)
         return losses.random_target_ce_from_hidden(h, *head, targets, chunk_rows=self.chunk_rows)
 
     def retain_loss(self, batch: dict) -> torch.Tensor:
