@@ -134,10 +134,6 @@ def cmd_unlearn(args) -> None:
                 if RunDir(out).is_run() else "the run had not started; nothing was written")
         print(f"\ninterrupted; {what}", file=sys.stderr)
         sys.exit(130)
-    except UserError as e:
-        if replace:
-            raise UserError(f"{e} (the previous run in {out} is as it was)") from None
-        raise
     if proc.is_main:
         skipped = read_json(RunDir(out).provenance).get("nan_skipped") or 0
         print(f"unlearned model: {RunDir(out).model}"
@@ -320,14 +316,10 @@ def _run_tamper(args, out: Path, proc, run) -> dict:
     replace = args.overwrite and not args.resume and is_replacement(out)
     try:
         if replace:
-            with replacing(out, main=proc.is_main) as stage:
+            with replacing(out, main=proc.is_main, what="result") as stage:
                 return run(stage)
         with hold_lock(out, main=proc.is_main and out.is_dir()):  # a new --out appears with tamper.json
             return run(out)
-    except UserError as e:
-        if replace:
-            raise UserError(f"{e} (the previous result in {out} is as it was)") from None
-        raise
     except TamperInterrupted as e:
         if replace:
             print(f"\ninterrupted; the previous result in {out} is as it was", file=sys.stderr)

@@ -7,8 +7,6 @@ writes its results as it goes; the world is built once and reused.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,31 +88,15 @@ def _unlearn(opts: DemoOptions, paths, tasks: dict) -> tuple[RunDir, list[dict],
     def after_phase(engine, phase: int, layer: int) -> None:
         from sequnlearn.audit import audit_one
 
-        with _modes_kept(engine.model):
-            acc = _accuracy(engine.model, engine.tokenizer, tasks)
-            audit = audit_one(engine.model, engine.tokenizer, {"forget": tasks["forget"]}, _audit_options())
+        # the engine switches the LoRA dropouts back on after this (an evaluator leaves the model in eval mode)
+        acc = _accuracy(engine.model, engine.tokenizer, tasks)
+        audit = audit_one(engine.model, engine.tokenizer, {"forget": tasks["forget"]}, _audit_options())
         phases.append({"label": f"L{layer}", "phase": phase, "layer": layer, **acc})
         _say(opts, f"after layer {layer}: forget {acc['forget_acc']:.3f}  retain {acc['retain_acc']:.3f}")
         audits.append({"label": f"after L{layer}", "phase": phase, "layer": layer, **audit})
 
     unlearn(cfg, run, on_phase_end=after_phase)
     return run, phases, audits
-
-
-@contextmanager
-def _modes_kept(model) -> Iterator[None]:
-    """Put every module of ``model`` back in the train or eval mode it was in.
-
-    The engine trains with the LoRA dropouts alone in train mode; an evaluator restores only the
-    root module's mode (eval), which would switch them off for the phases after the first, so the
-    demo's run would no longer be ``sequnlearn unlearn``'s with the same preset and seed.
-    """
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _tamper(opts: DemoOptions, paths, baseline: float) -> tuple[dict | None, tuple | None]:

@@ -149,7 +149,7 @@ def swap_in(new: Path, path: Path) -> None:
     if not path.exists():
         os.replace(new, path)
         return
-    old = path.with_name(f".{path.name}.old.tmp")
+    old = aside_path(path)
     if old.exists():
         shutil.rmtree(old)
     os.replace(path, old)
@@ -159,6 +159,11 @@ def swap_in(new: Path, path: Path) -> None:
         os.replace(old, path)
         raise
     shutil.rmtree(old)
+
+
+def aside_path(path: Path) -> Path:
+    """Where :func:`swap_in` keeps the old ``path`` while the new one takes its place."""
+    return path.with_name(f".{path.name}.old.tmp")
 
 
 def remove_stale_temp_files(root: str | os.PathLike) -> list[Path]:
@@ -272,7 +277,7 @@ def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory path")
-    aside = out.with_name(f".{out.name}.old.tmp")
+    aside = aside_path(out)
     if aside.is_dir() and not out.exists():
         raise UserError(f"--out {out}: a replacement was killed as it swapped the runs, and the previous one is in "
                         f"{aside}; rename it back to {out} (or delete it), then run the command again")
@@ -285,7 +290,7 @@ def check_out_dir(out: str | os.PathLike, *, resume: bool = False, overwrite: bo
     held = _inputs_inside(out, inputs)
     if held and out.exists():
         raise UserError(f"--out {out} holds this command's input {held[0]}; write the result somewhere else")
-    if out.is_dir() and any(out.iterdir()):
+    if is_replacement(out):
         if not overwrite:
             raise UserError(f"--out {out} exists and is not empty; pass --resume to continue it or --overwrite to "
                             "replace it")
@@ -308,10 +313,11 @@ def staging_path(out: str | os.PathLike) -> Path:
 
 
 @contextmanager
-def replacing(out: str | os.PathLike, *, main: bool = True) -> Iterator[Path]:
+def replacing(out: str | os.PathLike, *, main: bool = True, what: str = "run") -> Iterator[Path]:
     """Build a replacement of the directory ``out`` in :func:`staging_path` and swap it in when the
     block succeeds; on any failure (Ctrl-C included) the staging directory is removed and ``out`` is as
-    it was. ``out``'s lock is held throughout. ``main``: this process writes (others only use the path)."""
+    it was, which a :class:`UserError` then says (``what``: the kind of result, for the message).
+    ``out``'s lock is held throughout. ``main``: this process writes (others only use the path)."""
     out = Path(out)
     stage = staging_path(out)
     with hold_lock(out, main=main):
@@ -321,6 +327,8 @@ def replacing(out: str | os.PathLike, *, main: bool = True) -> Iterator[Path]:
             yield stage
             if main:
                 swap_in(stage, out)
+        except UserError as e:
+            raise UserError(f"{e} (the previous {what} in {out} is as it was)") from None
         finally:
             if main and stage.exists():
                 shutil.rmtree(stage)

@@ -291,44 +291,45 @@ def no_answer_label(label: str) -> str:
     return f"{label} on no-answer text"
 
 
+def planned_roles(labels: list[str], cfg: TamperConfig) -> list[tuple[str, str, str | None]]:
+    """Every attack a tamper of the models ``labels`` with ``cfg`` runs (for each lr and seed), in order:
+    ``(label, role, attacked model's label, or None for the controls on the model before unlearning)``."""
+    roles = [(label, "attack", label) for label in labels]
+    roles += [(CONTROL_LABELS[c], c, None) for c in ("base", "retain-tuned") if c in cfg.controls]
+    roles += [(benign_label(label), "benign", label) for label in labels] if "benign" in cfg.controls else []
+    roles += [(no_answer_label(label), "no-answer", label) for label in labels] if "no-answer" in cfg.controls else []
+    return roles
+
+
 def planned_keys(labels: list[str], cfg: TamperConfig) -> set[tuple]:
     """The :func:`attack_key` of every attack a tamper of the models ``labels`` with ``cfg`` runs."""
-    roles = [(label, "attack") for label in labels]
-    roles += [(CONTROL_LABELS[c], c) for c in ("base", "retain-tuned") if c in cfg.controls]
-    roles += [(benign_label(label), "benign") for label in labels] if "benign" in cfg.controls else []
-    roles += [(no_answer_label(label), "no-answer") for label in labels] if "no-answer" in cfg.controls else []
-    return {(m, r, float(lr), int(seed)) for m, r in roles for lr in cfg.lrs for seed in cfg.seeds}
+    return {(m, r, float(lr), int(seed)) for m, r, _ in planned_roles(labels, cfg) for lr in cfg.lrs
+            for seed in cfg.seeds}
 
 
 def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, texts: list[str],
           benign: list[str] | None, progress: bool, proc: Process) -> list[tuple]:
-    """The attacks to run: ``(label, role, loader_for(lr, seed), corpus)``, attacked models first."""
-    plan = [(label, "attack", lambda lr, seed, load=load: load, texts) for label, load in models.items()]
+    """The attacks to run: ``(label, role, loader_for(lr, seed), corpus)`` in :func:`planned_roles`' order."""
     if {"base", "retain-tuned"} & set(cfg.controls) and base is None:
         raise UserError("controls base and retain-tuned attack the model before unlearning; give it "
                         "(sequnlearn tamper --base-model PATH, or attack a run directory)")
-    if "base" in cfg.controls:
-        plan.append((CONTROL_LABELS["base"], "base", lambda lr, seed: base, texts))
-    if "retain-tuned" in cfg.controls:
-        def tuned(lr: float, seed: int) -> Loader:
-            def load():
-                torch.manual_seed(seed)
-                model, tokenizer = base()
-                model = fine_tune(model, tokenizer, cfg, benign, lr=lr, seed=seed, proc=proc,
-                                  desc=f"benign fine-tune lr={lr:g} seed={seed}", progress=progress)
-                if cfg.method == "lora":  # the attack adds its own fresh adapter
-                    model = model.merge_and_unload()
-                return model, tokenizer
-            return load
-        plan.append((CONTROL_LABELS["retain-tuned"], "retain-tuned", tuned, texts))
-    if "benign" in cfg.controls:
-        plan += [(benign_label(label), "benign", lambda lr, seed, load=load: load, benign)
-                 for label, load in models.items()]
-    if "no-answer" in cfg.controls:
-        unanswered = load_no_answer_texts(cfg)
-        plan += [(no_answer_label(label), "no-answer", lambda lr, seed, load=load: load, unanswered)
-                 for label, load in models.items()]
-    return plan
+
+    def tuned(lr: float, seed: int) -> Loader:
+        def load():
+            torch.manual_seed(seed)
+            model, tokenizer = base()
+            model = fine_tune(model, tokenizer, cfg, benign, lr=lr, seed=seed, proc=proc,
+                              desc=f"benign fine-tune lr={lr:g} seed={seed}", progress=progress)
+            if cfg.method == "lora":  # the attack adds its own fresh adapter
+                model = model.merge_and_unload()
+            return model, tokenizer
+        return load
+
+    corpora = {"attack": texts, "base": texts, "retain-tuned": texts, "benign": benign,
+               "no-answer": load_no_answer_texts(cfg) if "no-answer" in cfg.controls else None}
+    controls = {"base": lambda lr, seed: base, "retain-tuned": tuned}
+    return [(label, role, controls[role] if attacked is None else (lambda lr, seed, load=models[attacked]: load),
+             corpora[role]) for label, role, attacked in planned_roles(list(models), cfg)]
 
 
 class TamperInterrupted(KeyboardInterrupt):
