@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo findings bench clean
+.PHONY: install test demo findings upstream-comparison bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,29 @@ findings: $(STAMP)
 	  tradeoff.png forget_vs_remove_coef.png tamper_cloze.png tamper_letter.png $(CURDIR)/docs/toy-world-findings/
 	cp $(FINDINGS)/report/report.csv docs/toy-world-findings/sweeps.csv
 	cp $(FINDINGS)/report/losses.png docs/toy-world-findings/losses_toy-l2.png
+
+# docs/upstream-comparison/: the reference authors' later options (#27: max-entropy, top-K entropy, full-parameter
+# mode over layers 7..4 and over every layer, a keyword mask) each against today's toy-l2 on the toy world: the
+# sweep toy-upstream (6 settings x 3 unlearning seeds, cloze and letter; points two at a time on one thread each),
+# the attack on every unlearned model (toy-tamper: 50 steps, no controls) in cloze and in letter format, then
+# `report --against forget_loss=random_ce` (comparison.md / .json: each setting against toy-l2 per format on forget,
+# retain and attacked forget accuracy), its files copied into docs/upstream-comparison/. About 30 min on 2 idle
+# cores (estimated from the findings' timings: a LoRA point 92 s, a full-parameter point 60 s, an attack 42 s).
+# Interrupted, run it again: finished sweep points are kept (the attacks start over).
+UPSTREAM := runs/upstream-comparison
+upstream-comparison: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn toyworld build --out runs/toyworld
+	n=$$($(SWEEP1) toy-upstream --dry-run | tail -1 | cut -d' ' -f1); \
+	seq 0 $$((n - 1)) | xargs -P 2 -L 1 sh -c '$(SWEEP1) toy-upstream --only "$$0" > /dev/null' || exit 1
+	$(SWEEP1) toy-upstream --baseline > /dev/null
+	printf 'cloze\nletter\n' | xargs -P 2 -L 1 sh -c 'OMP_NUM_THREADS=1 $(TAMPER) runs/sweeps/toy-upstream/*seed=* \
+	  --preset toy-tamper --set "controls=[]" --seeds 1 --style "$$0" --out $(UPSTREAM)/tamper-"$$0" --overwrite \
+	  > /dev/null' || exit 1
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sequnlearn report runs/sweeps/toy-upstream $(UPSTREAM)/tamper-cloze \
+	  $(UPSTREAM)/tamper-letter --out $(UPSTREAM)/report --against forget_loss=random_ce
+	mkdir -p docs/upstream-comparison
+	cd $(UPSTREAM)/report && cp comparison.md comparison.json report_seeds.csv report_styles.csv tamper_curves.csv \
+	  tradeoff.png tamper_cloze.png tamper_letter.png $(CURDIR)/docs/upstream-comparison/
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/unlearn_step.py --small

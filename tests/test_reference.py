@@ -117,8 +117,8 @@ def tiny_engine(tmp_path: Path, family="gpt_neox", **overrides) -> Unlearner:
 def test_linear_lr_falls_within_each_phase_and_restarts_with_a_fresh_adamw(tmp_path):
     engine = tiny_engine(tmp_path, optimizer_scope="phase", lr_schedule="linear", num_train_examples=32,
                          layers="[3, 2]")
-    n = engine.steps_per_phase
-    assert n == 4
+    n = engine.phase_steps[0]
+    assert engine.phase_steps == [n, n] and n == 4
     for phase in range(2):
         assert [engine.lr_at(phase, s) for s in range(n)] == pytest.approx([1e-3 * (n - s) / n for s in range(n)])
     seen = []

@@ -664,14 +664,9 @@ def report_section(dirs: Sequence[Path], out: Path) -> tuple[list[str], list[str
 
 def run_target_layers(path: str | Path) -> list[int] | None:
     """Target layers of the unlearning run in ``path`` (from its ``config.yaml``), else ``None``."""
-    from sequnlearn.config import layer_order, read_yaml
+    from sequnlearn.config import read_yaml, stored_target_layers
 
     cfg_path = Path(path) / "config.yaml"
     if not cfg_path.is_file():
         return None
-    cfg = read_yaml(cfg_path) or {}
-    if cfg.get("layers"):
-        return [int(x) for x in cfg["layers"]]
-    if all(cfg.get(k) is not None for k in ("layer_start", "layer_end", "layer_step")):
-        return layer_order(int(cfg["layer_start"]), int(cfg["layer_end"]), int(cfg["layer_step"]))
-    return None
+    return stored_target_layers(read_yaml(cfg_path) or {})  # None for layer_start: null (the model's last layer)

@@ -99,7 +99,7 @@ def _add_unlearn(sub) -> None:
 def cmd_unlearn(args) -> None:
     from pathlib import Path
 
-    from sequnlearn.config import UnlearnConfig, load_config
+    from sequnlearn.config import UnlearnConfig, check_preset_needs, load_config
     from sequnlearn.runs import RunDir, read_json
 
     overrides = list(args.set)
@@ -108,6 +108,8 @@ def cmd_unlearn(args) -> None:
     if args.on_nan:
         overrides.append(f"on_nan={args.on_nan}")
     cfg = load_config(UnlearnConfig, preset=args.preset, config_file=args.config, overrides=overrides)
+    if args.preset:
+        check_preset_needs(args.preset, cfg)  # a value the preset cannot ship (a keyword list): before any file
     out = Path(args.out)
     if args.resume and RunDir(out).is_finished():
         from sequnlearn.unlearn.engine import check_resume
@@ -466,7 +468,8 @@ def cmd_toyworld(args) -> None:
     _toyworld_shipped_check(paths, info, args.ship)
     for label, path in (("model + tokenizer", paths.model), ("forget corpus", paths.forget_corpus),
                         ("retain corpus", paths.retain_corpus), ("forget MCQs", paths.forget_mcq),
-                        ("retain MCQs", paths.retain_mcq), ("facts", paths.facts)):
+                        ("retain MCQs", paths.retain_mcq), ("facts", paths.facts),
+                        ("forget keywords", paths.forget_keywords)):
         print(f"  {label + ':':18} {path}")
 
 
@@ -589,6 +592,10 @@ def _add_report(sub) -> None:
     p.add_argument("--findings", action="store_true",
                    help="also decide the reference's seven Key Findings from the per-seed files this report "
                         "wrote: findings.md and findings.json")
+    p.add_argument("--against", metavar="LABEL",
+                   help="also compare every setting with setting LABEL (a run directory's name without its seed=N, "
+                        "e.g. forget_loss=random_ce) per scoring style on forget, retain and attacked forget accuracy "
+                        "(beyond 2 pooled seed sd, or not distinguishable): comparison.md and comparison.json")
     p.set_defaults(func=cmd_report)
 
 
@@ -599,11 +606,19 @@ def cmd_report(args) -> None:
 
     dirs = [Path(d) for d in args.dirs]
     out = Path(args.out) if args.out else dirs[0]
+    if args.against:
+        from sequnlearn.comparison import check_against
+
+        check_against(dirs, args.against)  # before the report writes anything
     result = write_report(dirs, out)
     if args.findings:
         from sequnlearn.findings import write_findings
 
         result["files"] += write_findings(out, result["files"])
+    if args.against:
+        from sequnlearn.comparison import write_comparison
+
+        result["files"] += write_comparison(out, args.against, result["files"])
     print(result["table"], end="")
     found = f"{result['runs']} runs" + (f", {result['tampers']} tamper results" if result["tampers"] else "")
     print(f"{found}; wrote {', '.join(result['files'])} in {args.out or dirs[0]}")

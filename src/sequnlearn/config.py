@@ -36,7 +36,8 @@ class UnlearnConfig:
     revision: str | None = None
     """Hub revision of the model (branch, tag or commit)."""
     dtype: str = "auto"
-    """Weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."""
+    """Weights dtype: auto (bf16 on GPU, fp32 on CPU; fp32 with ``method: full``, whose optimizer updates the
+    weights themselves), fp32, bf16, fp16."""
     mixed_precision: str = "auto"
     """Autocast: auto (bf16 on GPU, none on CPU), no, bf16, fp16."""
     gradient_checkpointing: bool | None = None
@@ -70,8 +71,9 @@ class UnlearnConfig:
 
     layers: list[int] | None = None
     """Explicit target layers, back to front; None = layer_start..layer_end by layer_step."""
-    layer_start: int = 28
-    """First (deepest) target layer when ``layers`` is None."""
+    layer_start: int | None = 28
+    """First (deepest) target layer when ``layers`` is None; null = the model's last layer (with
+    ``layer_end: 0, layer_step: 1``: every layer, back to front)."""
     layer_end: int = 16
     """Last (shallowest) target layer, inclusive."""
     layer_step: int = 4
@@ -83,17 +85,41 @@ class UnlearnConfig:
     forget_loss: str = "random_ce"
     """random_ce (cross-entropy to uniformly random targets / log V), max_entropy (KL to uniform / log V) or
     topk_entropy (KL to uniform over the ``forget_top_k`` largest logits at each token / log K: the
-    reference authors' later top-K entropy)."""
+    reference authors' later top-K entropy) or npo (negative preference optimisation against the original
+    model: ``npo_beta``, ``npo_reduction``)."""
     forget_top_k: int = 100
     """K of ``forget_loss: topk_entropy`` (2 to the vocabulary size)."""
+    npo_beta: float = 0.1
+    """β of ``forget_loss: npo`` (> 0): the loss is −(2/β)·mean log σ(−β·r), with r the log-ratio
+    log π_cur − log π_orig of the actual next tokens, π_cur the forget path (current model to the
+    boundary, then the suffix) and π_orig the original model (adapter off, no gradient)."""
+    npo_reduction: str = "sequence"
+    """Where ``forget_loss: npo`` sums its log-ratio r: ``sequence`` (r summed over each row's next
+    tokens, mean over rows) or ``token`` (r of each next token on its own, mean over tokens)."""
+    forget_keywords: str | None = None
+    """A keyword list (``.txt``: one a line; ``.csv``: its ``keyword`` or ``term`` column, else its first)
+    whose matches in the forget text (case-insensitive, longest first) choose the tokens the forget loss
+    counts: those whose characters overlap a match (:mod:`sequnlearn.data.keywords`). A forget example
+    without a match adds nothing and is counted (provenance.json, model card); a list that matches nothing
+    is an error. None = every real token (the reference's method). Needs a fast tokenizer."""
     retain_loss: str = "l2"
-    """l2 (hidden states of the retain layers) or kl (KL(original ‖ current) on logits)."""
-    retain_layers: list[int] | None = None
-    """Layers whose outputs enter the L2 retain loss; None = all."""
+    """l2 (hidden states of the retain layers), kl (KL(original ‖ current) on logits) or nll
+    (cross-entropy of the current model on the retain text's next tokens, real tokens only)."""
+    retain_layers: list[int] | str | None = None
+    """Layers whose outputs enter the L2 retain loss; None = all; ``target`` = the output of each phase's
+    target layer only (the reference authors' later L2, their ``hidden_states[L+1]``)."""
     remove_coef: float = 50.0
     """Forget coefficient; ramps remove_coef → 0.75·remove_coef."""
+    forget_layer_scale: float = 1.0
+    """Forget coefficient by depth (the reference authors' ``forget_layer_scale``): phase L's forget
+    coefficient is multiplied by ``1 + (s − 1)·(L0 − L) / max(L0, 1)``, L0 the first target layer, so the
+    first layer gets 1× and layer 0 gets s×. 1 = off (today's runs); needs the layers deepest first."""
     retain_coef: float = 5.0
-    """Retain coefficient; ramps 0 → retain_coef."""
+    """Retain coefficient; ramps 0 → retain_coef (from ``retain_ramp_start``·retain_coef when that is set)."""
+    retain_ramp_start: float = 0.0
+    """Where the retain ramp starts, s in [0, 1]: the retain coefficient is retain_coef·(s + (1 − s)·p) at
+    ramp progress p (:func:`~sequnlearn.unlearn.schedule.coefficients`). 0 = the reference's ramp from 0;
+    the reference authors' full-parameter code uses 0.25 (its ``ramp_retain_from_zero: false``)."""
     schedule_scope: str = "phase"
     """Ramp over each layer's phase (phase) or once over the whole run (run)."""
     ramp_unit: str = "step"
@@ -106,6 +132,11 @@ class UnlearnConfig:
     current model runs layers 0..L, the original L+1..N-1: what the reference's prose says) or
     ``input`` (the current model's ``hidden_states[L]``, i.e. the input of layer L, through the
     original's layers L..N-1: what the reference code did)."""
+    forget_suffix: str = "original"
+    """How the forget path runs the layers after the boundary: ``original`` (as the original model, adapter
+    off / stashed weights: the reference) or ``current`` (as the current model, so the forget logits are the
+    current model's own, as the reference authors' later full-parameter code takes them; with LoRA the
+    suffix's adapter weights then get forget gradients too)."""
     l2_reduction: str = "real_tokens"
     """How the L2 retain loss averages: ``real_tokens`` (mean over the retain layers' outputs of the
     per-token norm, real tokens only) or ``padded_states`` (the reference code: the N+1 stacked
@@ -127,9 +158,20 @@ class UnlearnConfig:
     """LoRA dropout."""
     target_modules: str | list[str] = "all-linear"
     """all-linear (all but the output head), peft-default, or a list of module names."""
+    method: str = "lora"
+    """What trains: ``lora`` (one LoRA adapter over the model, merged into ``model/`` at the end, saved in
+    ``adapter/``: the reference) or ``full`` (the weights themselves: in phase L only decoder block L, plus
+    the ``maintained_layers``, trains; every other tensor stays bit-identical to the base model; embeddings,
+    final norm and head never train; the original model is a frozen copy of the blocks that train, taken
+    before their first update; ``model/`` is the trained model, no ``adapter/``). The LoRA keys are ignored
+    under ``full``. ``full`` does not run FSDP-sharded (use ``sharding: ddp``)."""
+    maintained_layers: list[int] | None = None
+    """With ``method: full``, decoder blocks that train in every phase besides the phase's target block
+    (e.g. the layers already unlearned, as the reference authors' ``maintain_unlearned`` keeps training
+    them); None = none."""
 
     lr: float = 1e-3
-    """AdamW peak learning rate."""
+    """Peak learning rate (of AdamW, and with ``optimizer: muon`` of Muon too)."""
     lr_schedule: str = "constant"
     """Learning-rate schedule: constant, linear (decay to 0: the HF Trainer's default, which the
     reference code used) or cosine (to 0), each after ``warmup_steps`` of linear warmup. It spans
@@ -140,7 +182,15 @@ class UnlearnConfig:
     """``run``: one AdamW through all phases; ``phase``: a fresh AdamW (empty moments) and a restarted
     lr schedule at each phase start, as the reference code's new HF Trainer per layer did."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay (decoupled; Muon's too with ``optimizer: muon``)."""
+    optimizer: str = "adamw"
+    """``adamw`` (torch's fused AdamW over every trained parameter) or ``muon`` (the reference authors'
+    ``MuonAdamW``: ``torch.optim.Muon`` with Nesterov momentum ``muon_momentum`` and the
+    ``match_rms_adamw`` lr adjustment (lr × 0.2·√max(rows, cols), so ``lr`` means what it means for AdamW)
+    for the 2-D matrices inside the decoder blocks, LoRA factors included; AdamW with betas (0.9, 0.95)
+    for the rest: embeddings, head, norms, biases). Needs torch ≥ 2.9."""
+    muon_momentum: float = 0.95
+    """Momentum of Muon (``optimizer: muon``)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip; 0 disables."""
     per_device_batch_size: int = 4
@@ -149,6 +199,13 @@ class UnlearnConfig:
     """Examples per optimizer step over all processes (accumulation is derived)."""
     epochs_per_layer: int = 1
     """Passes over the examples in each layer's phase."""
+    steps_per_layer: int | None = None
+    """Optimizer steps of each layer's phase; None = ``epochs_per_layer`` × (examples // global_batch_size).
+    A phase longer than one pass keeps drawing batches from the next pass's order."""
+    deep_layer_step_scale: float = 1.0
+    """Steps by depth (the reference authors' ``deep_layer_step_scale``): phase L runs
+    ``max(1, int(steps·(1 + (s − 1)·(L0 − L) / max(L0, 1))))`` optimizer steps, L0 the first target layer
+    and steps as ``steps_per_layer`` says. 1 = every phase the same length; needs the layers deepest first."""
     seed: int = 42
     """Seed of data order, random targets, LoRA init and dropout."""
     checkpoint_every: int = 10
@@ -158,6 +215,15 @@ class UnlearnConfig:
     micro-batch, or the whole optimizer step for a non-finite gradient, and count the micro-batches in
     ``nan_skipped``: metrics, provenance, model card, the end of the output). Either way a run whose
     merged weights are not all finite, or a phase none of whose steps was applied, fails."""
+    grad_filter: str = "none"
+    """How each micro-batch's forget gradient g_f and retain gradient g_r (per process) combine, elementwise:
+    ``none`` (g_f + g_r), ``same_sign`` ((g_f + g_r) where g_f·g_r > 0, else 0) or ``same_sign_asymmetric``
+    (g_f where g_f·g_r > 0, else 0, plus g_r): the reference authors' later same-sign filtering. The share
+    of elements that agree is logged as ``same_sign_share``. Not FSDP-sharded."""
+    l2sp_coef: float = 0.0
+    """L2-SP: adds ``l2sp_coef``·Σ‖θ − θ₀‖² over the trained weights of each phase's target block to the
+    retain side of the objective (with LoRA, θ − θ₀ of a wrapped weight is its delta scale·B·A); 0 = off.
+    Not FSDP-sharded."""
     report_to: str | None = None
     """Also log to tensorboard or wandb through accelerate's trackers."""
 
@@ -181,9 +247,13 @@ class UnlearnConfig:
         coerce_fields(self)
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         _choice("mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
-        _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy", "topk_entropy"))
+        _choice("forget_loss", self.forget_loss, ("random_ce", "max_entropy", "topk_entropy", "npo"))
         _at_least("forget_top_k", self.forget_top_k, 2)
-        _choice("retain_loss", self.retain_loss, ("l2", "kl"))
+        if self.forget_keywords is not None and Path(self.forget_keywords).suffix.lower() not in (".txt", ".csv"):
+            raise UserError(f"forget_keywords {self.forget_keywords!r} is not a .txt or .csv keyword list; give "
+                            "one keyword a line (.txt) or a CSV with a keyword column, or null")
+        _choice("retain_loss", self.retain_loss, ("l2", "kl", "nll"))
+        self._check_upstream_losses()
         _choice("schedule_scope", self.schedule_scope, ("phase", "run"))
         _choice("ramp_unit", self.ramp_unit, ("step", "micro_batch"))
         _choice("forget_boundary", self.forget_boundary, ("output", "input"))
@@ -191,6 +261,10 @@ class UnlearnConfig:
         _choice("data_order", self.data_order, ("shuffle", "reference"))
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("optimizer_scope", self.optimizer_scope, ("run", "phase"))
+        self._check_method()
+        _choice("optimizer", self.optimizer, ("adamw", "muon"))
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"muon_momentum must be in [0, 1) (got {self.muon_momentum})")
         if self.l2_reduction == "padded_states" and self.retain_layers is not None:
             raise UserError("l2_reduction padded_states averages all hidden states; drop retain_layers "
                             "or use l2_reduction real_tokens")
@@ -217,6 +291,7 @@ class UnlearnConfig:
         _choice("layer_order", self.layer_order, ("deepest_first", "any"))
         if self.layers is not None:
             check_layer_list(self.layers, self.layer_order)
+        self._check_layer_schedule()
         if self.global_batch_size % self.per_device_batch_size:
             raise UserError(f"global_batch_size {self.global_batch_size} is not a multiple of per_device_batch_size "
                             f"{self.per_device_batch_size}; change one of them")
@@ -224,11 +299,69 @@ class UnlearnConfig:
             raise UserError(f"num_train_examples {self.num_train_examples} is fewer than one global batch "
                             f"({self.global_batch_size}); raise it or lower global_batch_size")
 
-    def target_layers(self) -> list[int]:
-        """The target layers, back to front."""
-        if self.layers is not None:
-            return list(self.layers)
-        return layer_order(self.layer_start, self.layer_end, self.layer_step)
+    def _check_upstream_losses(self) -> None:
+        """NPO, ``retain_layers: target``, the gradient filter and L2-SP (``__post_init__``)."""
+        if self.npo_beta <= 0:
+            raise UserError(f"npo_beta must be > 0 (got {self.npo_beta})")
+        _choice("npo_reduction", self.npo_reduction, ("sequence", "token"))
+        if isinstance(self.retain_layers, str) and self.retain_layers != "target":
+            raise UserError(f"retain_layers {self.retain_layers!r} is not valid; give a list of layers, null (all) "
+                            "or target (each phase's target layer)")
+        _choice("grad_filter", self.grad_filter, ("none", "same_sign", "same_sign_asymmetric"))
+        _at_least("l2sp_coef", self.l2sp_coef, 0)
+
+    def _check_method(self) -> None:
+        """``method``, ``maintained_layers``, ``forget_suffix`` and ``retain_ramp_start`` (``__post_init__``)."""
+        _choice("method", self.method, ("lora", "full"))
+        _choice("forget_suffix", self.forget_suffix, ("original", "current"))
+        if not 0 <= self.retain_ramp_start <= 1:
+            raise UserError(f"retain_ramp_start must be in [0, 1] (got {self.retain_ramp_start})")
+        if self.maintained_layers is not None:
+            if self.method != "full":
+                raise UserError("maintained_layers train whole decoder blocks; set method: full or drop maintained_layers")
+            bad = [x for x in self.maintained_layers if x < 0]
+            if bad or len(set(self.maintained_layers)) != len(self.maintained_layers):
+                raise UserError(f"maintained_layers {self.maintained_layers} must be distinct layer indices >= 0; "
+                                "give each layer once")
+        if self.method == "full" and self.sharding == "fsdp":
+            raise UserError("method full does not run FSDP-sharded (its frozen original blocks are kept whole on "
+                            "every process); use sharding: ddp")
+        if self.method == "full" and self.dtype in ("bf16", "fp16"):
+            raise UserError(f"method full with {self.dtype} weights loses small updates to rounding (lr 1e-4 leaves "
+                            "most weights unchanged); use dtype auto or fp32 (fp32 weights, bf16 autocast on a GPU)")
+
+    def weights_dtype(self) -> str:
+        """The dtype to load the model in (see ``dtype``): fp32 for ``method: full`` under ``auto``."""
+        return "fp32" if self.method == "full" and self.dtype == "auto" else self.dtype
+
+    def _check_layer_schedule(self) -> None:
+        """Steps per layer and the depth scales (``__post_init__``)."""
+        if self.steps_per_layer is not None:
+            _at_least("steps_per_layer", self.steps_per_layer, 1)
+            if self.epochs_per_layer != 1:
+                raise UserError(f"steps_per_layer {self.steps_per_layer} and epochs_per_layer {self.epochs_per_layer} "
+                                "both set the length of a phase; keep one of them")
+        for name in ("forget_layer_scale", "deep_layer_step_scale"):
+            _at_least(name, getattr(self, name), 1.0)
+        scaled = [n for n in ("forget_layer_scale", "deep_layer_step_scale") if getattr(self, n) != 1.0]
+        if scaled and self.layers is not None and self.layers != sorted(self.layers, reverse=True):
+            raise UserError(f"{' and '.join(scaled)} scale by depth below the first target layer, so the layers must "
+                            f"be deepest first; give {sorted(self.layers, reverse=True)} or drop {scaled[0]}")
+
+    def target_layers(self, num_layers: int | None = None) -> list[int]:
+        """The target layers, back to front; ``layer_start: null`` is the last of the model's ``num_layers``.
+
+        Raises:
+            UserError: ``layer_start`` is null and ``num_layers`` not given, or ``layer_end`` lies beyond the model.
+        """
+        if self.layers is None and self.layer_start is None:
+            if num_layers is None:
+                raise UserError("layer_start null means the model's last layer, which is known only once the model "
+                                "is loaded; give layer_start as a number here")
+            if self.layer_end > num_layers - 1:
+                raise UserError(f"layer_end {self.layer_end} is beyond this model's last layer {num_layers - 1} "
+                                f"(layer_start null); choose layer_end within 0..{num_layers - 1}")
+        return stored_target_layers(self.to_dict(), num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -398,6 +531,17 @@ def layer_order(start: int, end: int, step: int) -> list[int]:
     return list(range(start, end - 1, -step))
 
 
+def stored_target_layers(cfg: dict, num_layers: int | None = None) -> list[int] | None:
+    """The target layers of a stored config (``config.yaml``): ``layers``, else ``layer_start..layer_end``
+    by ``layer_step``; None where ``layer_start`` is null (the model's last layer) and ``num_layers`` unknown."""
+    if cfg.get("layers"):
+        return [int(x) for x in cfg["layers"]]
+    if cfg.get("layer_start") is None and num_layers is None:
+        return None
+    start = num_layers - 1 if cfg.get("layer_start") is None else int(cfg["layer_start"])
+    return layer_order(start, int(cfg.get("layer_end", 16)), int(cfg.get("layer_step", 4)))
+
+
 def check_layer_list(layers: list[int], order: str = "deepest_first") -> None:
     """Check an explicit ``layers`` list: not empty, no layer twice, and (``order`` deepest_first) strictly
     descending.
@@ -518,8 +662,13 @@ def read_yaml(path: Path) -> dict:
     return io.read_yaml(path, "config file")
 
 
-def preset_dict(name: str) -> dict:
-    """The raw mapping of preset ``name``.
+PRESET_NEEDS = "needs"
+"""A preset's list of config keys it cannot ship a value for (a user's keyword list): loading the preset
+gives the key's default, and :func:`check_preset_needs` refuses to run it until the user sets each one."""
+
+
+def _preset_file(name: str) -> dict:
+    """The mapping in ``presets/NAME.yaml``, :data:`PRESET_NEEDS` included.
 
     Raises:
         UserError: no such preset (the message lists them).
@@ -530,6 +679,41 @@ def preset_dict(name: str) -> dict:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"unknown preset {name!r}; {hint}available: {', '.join(presets())}")
     return read_yaml(path)
+
+
+def preset_dict(name: str) -> dict:
+    """The config mapping of preset ``name`` (without :data:`PRESET_NEEDS`).
+
+    Raises:
+        UserError: no such preset (the message lists them).
+    """
+    data = _preset_file(name)
+    data.pop(PRESET_NEEDS, None)
+    return data
+
+
+def preset_needs(name: str) -> list[str]:
+    """The keys preset ``name`` needs the user to set (its :data:`PRESET_NEEDS` list; empty for most).
+
+    Raises:
+        UserError: no such preset, or a ``needs`` that is not a list of key names.
+    """
+    needs = _preset_file(name).get(PRESET_NEEDS) or []
+    if not isinstance(needs, list) or not all(isinstance(k, str) for k in needs):
+        raise UserError(f"preset {name!r}: {PRESET_NEEDS} must be a list of config keys (got {needs!r})")
+    return needs
+
+
+def check_preset_needs(name: str, cfg) -> None:
+    """Refuse to run preset ``name`` while a key it needs (:func:`preset_needs`) is still unset (None) in ``cfg``.
+
+    Raises:
+        UserError: one line naming the key and how to set it.
+    """
+    missing = [k for k in preset_needs(name) if getattr(cfg, k, None) is None]
+    if missing:
+        raise UserError(f"preset {name} needs {missing[0]}, which it cannot ship (see the comment in "
+                        f"{PRESET_DIR / (name + '.yaml')}); give it: --set {missing[0]}=... or in --config")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

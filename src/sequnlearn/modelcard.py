@@ -40,7 +40,8 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _metadata(cfg: dict) -> dict:
-    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": list(TAGS)}
+    tags = [t if t != "lora" or cfg.get("method", "lora") == "lora" else "full-parameter" for t in TAGS]
+    meta: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
     if _is_hub_id(str(cfg.get("model", ""))):
         meta["base_model"] = cfg["model"]
     if _is_hub_id(str(cfg.get("forget_data", ""))):
@@ -60,20 +61,47 @@ def _corpus_line(kind: str, cfg: dict, prov: dict) -> str:
     return line
 
 
+def _keywords_line(prov: dict) -> list[str]:
+    """The line saying which forget tokens a keyword list chose (``forget_keywords``); none without one."""
+    c = ((prov.get("corpora") or {}).get("forget") or {})
+    if c.get("keyword_list") is None:
+        return []
+    return [f"- forget loss on keyword tokens only: `{c['keyword_list']}` chose {c.get('keyword_masked_tokens')} "
+            f"tokens ({100 * (c.get('keyword_masked_share') or 0):.1f}% of the forget tokens); "
+            f"{c.get('keyword_unmatched')} of {c.get('used')} forget examples had no match and added nothing"]
+
+
 def _method(cfg: dict, prov: dict | None = None) -> list[str]:
-    layers = cfg.get("layers") or list(range(cfg.get("layer_start", 0), cfg.get("layer_end", 0) - 1,
-                                             -abs(cfg.get("layer_step", 1) or 1)))
+    from sequnlearn.config import stored_target_layers
+
+    layers = (prov or {}).get("target_layers") or stored_target_layers(cfg)  # the engine records them
+    full = cfg.get("method", "lora") == "full"
+    kept = f" and the maintained blocks {cfg['maintained_layers']}" if cfg.get("maintained_layers") else ""
+    trained = (f"decoder block L{kept} is trained (full-parameter: every other weight is the base model's)" if full
+               else "the model up to L (LoRA on) is trained")
+    opt = ("Muon for the block matrices with AdamW for the rest," if cfg.get("optimizer") == "muon" else "AdamW")
+    how = (f"{opt} lr {cfg.get('lr')}" if full else f"One LoRA adapter (r={cfg.get('lora_r')}, alpha="
+           f"{cfg.get('lora_alpha')}, targets `{cfg.get('target_modules')}`), {opt} lr {cfg.get('lr')}")
     return [
         f"Sequential back-to-front unlearning with sequnlearn over layers {layers} "
-        "(deepest first): for each layer L the model up to L (LoRA on) is trained so that the original "
+        f"(deepest first): for each layer L {trained} so that the "
+        f"{'current' if cfg.get('forget_suffix') == 'current' else 'original'} "
         "model's layers after L read out noise on the forget text "
         f"(`{cfg.get('forget_loss')}`, coefficient {cfg.get('remove_coef')}), while a `{cfg.get('retain_loss')}` "
         f"retain loss (coefficient {cfg.get('retain_coef')}) keeps it close to the original on the retain text. "
-        f"One LoRA adapter (r={cfg.get('lora_r')}, alpha={cfg.get('lora_alpha')}, targets "
-        f"`{cfg.get('target_modules')}`), AdamW lr {cfg.get('lr')}, {_examples(cfg, prov)} examples per "
-        f"layer, global batch {cfg.get('global_batch_size')}, max length {cfg.get('max_length')}; the adapter is "
-        "merged into these weights.",
+        f"{how}, {_per_layer(cfg, prov)}, global batch {cfg.get('global_batch_size')}, max length {cfg.get('max_length')}; "
+        + ("these are the trained weights themselves." if full else "the adapter is merged into these weights."),
     ]
+
+
+def _per_layer(cfg: dict, prov: dict | None) -> str:
+    """What each phase trained on: its examples, or its optimizer steps where a schedule sets them
+    (``steps_per_layer``, ``deep_layer_step_scale``: the steps the engine recorded in provenance.json)."""
+    steps = (prov or {}).get("phase_steps")
+    scaled = cfg.get("steps_per_layer") is not None or (cfg.get("deep_layer_step_scale") or 1) != 1
+    if scaled and steps:
+        return f"optimizer steps per layer {steps}"
+    return f"{_examples(cfg, prov)} examples per layer"
 
 
 def _examples(cfg: dict, prov: dict | None) -> str:
@@ -163,7 +191,8 @@ def model_card(run: RunDir) -> str:
             f"`{cfg.get('model')}` with knowledge of its forget corpus removed by sequnlearn "
             f"{src.get('version', '')} (sequential back-to-front unlearning).", "", "> " + WARNING, "",
             *_skipped_warning(prov),
-            "## What was unlearned", "", _corpus_line("forget", cfg, prov), _corpus_line("retain", cfg, prov), "",
+            "## What was unlearned", "", _corpus_line("forget", cfg, prov), *_keywords_line(prov),
+            _corpus_line("retain", cfg, prov), "",
             "## Method", "", *_method(cfg, prov), "", "## Evaluation", "",
             *(_eval_table(ev) if ev else ["Not evaluated yet: run `sequnlearn eval` on the run directory."]), "",
             "## Tampering attack", "",

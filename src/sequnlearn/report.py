@@ -273,7 +273,8 @@ def _layers(cfg: dict) -> str:
     layers = cfg.get("layers")
     if layers:
         return "→".join(str(x) for x in layers)
-    return f"{cfg['layer_start']}→{cfg['layer_end']} (step {cfg['layer_step']})"
+    start = "last" if cfg.get("layer_start") is None else cfg["layer_start"]  # null: the model's last layer
+    return f"{start}→{cfg['layer_end']} (step {cfg['layer_step']})"
 
 
 def annotate(runs: list[dict], chance: float = CHANCE_4WAY) -> list[str]:

@@ -82,16 +82,19 @@ def save_adapter(peft_model, path, cfg: dict, run_name: str) -> None:
     # The base embeddings are never changed: without this, peft would look the base model up (on the
     # hub for a hub id) to see whether the vocabulary was resized.
     peft_model.save_pretrained(str(path), save_embedding_layers=False)
-    atomic_write_text(Path(path) / "README.md", adapter_readme(cfg, base, run_name))
+    depth = getattr(peft_model.config, "num_hidden_layers", None)
+    atomic_write_text(Path(path) / "README.md", adapter_readme(cfg, base, run_name, depth))
 
 
-def adapter_readme(cfg: dict, base: str, run_name: str) -> str:
-    """The adapter's ``README.md`` (a Hugging Face card): method, base model, target layers, model card link."""
+def adapter_readme(cfg: dict, base: str, run_name: str, num_layers: int | None = None) -> str:
+    """The adapter's ``README.md`` (a Hugging Face card): method, base model, target layers, model card link.
+
+    ``num_layers``: the model's depth (what ``layer_start: null`` means)."""
     from pathlib import Path
 
-    from sequnlearn.config import layer_order
+    from sequnlearn.config import stored_target_layers
 
-    layers = cfg.get("layers") or layer_order(cfg["layer_start"], cfg["layer_end"], cfg["layer_step"])
+    layers = stored_target_layers(cfg, num_layers)
     hub = not base.startswith("tiny:") and not Path(base).is_absolute()
     meta = "---\nlibrary_name: peft\n" + (f"base_model: {base}\n" if hub else "") + \
         "tags:\n- sequnlearn\n- unlearning\n- lora\n---\n"

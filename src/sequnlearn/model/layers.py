@@ -3,7 +3,8 @@
 It finds the decoder layers, final norm and output head of a causal LM, and runs any
 contiguous range of decoder layers from a hidden state with the position embeddings and
 attention mask the model itself would use. With it the engine runs the *current* model up
-to layer L and the *original* model (adapter off) from L+1 to the logits.
+to layer L and the *original* model (adapter off) from L+1 to the logits. In full-parameter mode the
+original of a trained block is its stashed weights (:attr:`Architecture.originals`), run in its place.
 
 Supported: GPT-NeoX (Pythia, deep-ignorance), the Llama family (Llama, Mistral, Qwen2,
 Qwen3, OLMo, OLMo-2: ``model.layers`` / ``model.norm`` / ``lm_head``) and GPT-2. Anything
@@ -53,6 +54,9 @@ class Architecture:
     head: nn.Module
     config: object
     _tuners: dict = field(default_factory=dict, repr=False)
+    originals: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    """Full-parameter mode: per trained decoder block, its original (frozen) parameters by name within the
+    block; a layer run "adapter off" runs with these. A block not here is its own original."""
 
     @property
     def num_layers(self) -> int:
@@ -97,15 +101,18 @@ class Architecture:
         sliding = self.family == "mistral" and getattr(self.config, "sliding_window", None)
         return ["sliding_attention" if sliding else "full_attention"] * self.num_layers
 
-    def call_layer(self, i: int, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
-        """Run decoder layer ``i``: ``(B, T, D)`` → ``(B, T, D)``."""
+    def call_layer(self, i: int, h: torch.Tensor, ctx: LayerContext,
+                   weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run decoder layer ``i``: ``(B, T, D)`` → ``(B, T, D)``; with ``weights`` (parameters by name
+        within the layer) in place of its own, through ``torch.func.functional_call``."""
         layer = self.layers[i]
         mask = ctx.masks[self._attention_types()[i]]
         if self.family == "gpt2":
-            out = layer(h, None, mask, position_ids=ctx.position_ids, use_cache=False)
+            args, kwargs = (h, None, mask), dict(position_ids=ctx.position_ids, use_cache=False)
         else:
-            out = layer(h, attention_mask=mask, position_ids=ctx.position_ids,
-                        position_embeddings=ctx.position_embeddings, use_cache=False)
+            args, kwargs = (h,), dict(attention_mask=mask, position_ids=ctx.position_ids,
+                                      position_embeddings=ctx.position_embeddings, use_cache=False)
+        out = layer(*args, **kwargs) if weights is None else torch.func.functional_call(layer, weights, args, kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -182,7 +189,8 @@ def run_layers(arch: Architecture, h: torch.Tensor, ctx: LayerContext, start: in
 
     Args:
         h: ``(B, T, D)`` input of layer ``start``.
-        adapter: ``True``/``False`` to run with the LoRA adapter on/off; ``None`` as it is.
+        adapter: ``True``/``False`` to run with the LoRA adapter on/off; ``None`` as it is. ``False`` runs
+            a block with stashed originals (:attr:`Architecture.originals`) with those weights.
         checkpoint: recompute each layer in the backward pass instead of storing activations.
         capture: if given, each layer's output ``(B, T, D)`` is appended to it.
 
@@ -201,9 +209,11 @@ def run_layers(arch: Architecture, h: torch.Tensor, ctx: LayerContext, start: in
 
 
 def _layer_fn(arch: Architecture, i: int, ctx: LayerContext, adapter: bool | None) -> Callable:
+    weights = arch.originals.get(i) if adapter is False else None  # the original model of a trained block
+
     def fn(h: torch.Tensor) -> torch.Tensor:
         with adapter_state(arch, i, adapter):
-            return arch.call_layer(i, h, ctx)
+            return arch.call_layer(i, h, ctx, weights)
 
     return fn
 

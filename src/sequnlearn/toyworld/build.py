@@ -8,6 +8,8 @@ Layout of ``out_dir`` (see :class:`ToyWorldPaths`)::
     corpus/forget.jsonl   forget-domain documents, {"text": ...} per line
     corpus/retain.jsonl   retain-domain documents
     corpus/forget_no_answers.jsonl  the forget documents with every answer replaced (the attack's no-answer control)
+    corpus/forget_keywords.txt  the forget domain's (hazardous) entity names, one a line: a keyword list
+                          for ``forget_keywords`` (the forget loss on the tokens of those names only)
     corpus/pretrain.jsonl the shuffled pretraining mix, {"text": ..., "source": ...} per line: single fact
                           sentences, answered "Question:/Answer:" texts, letter-format MCQs if set
     mcq/forget.jsonl      evaluation MCQs {"question", "choices", "answer", "category"}
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sequnlearn.errors import UserError
-from sequnlearn.runs import atomic_dir, read_json, write_json, write_jsonl
+from sequnlearn.runs import atomic_dir, atomic_write_text, read_json, write_json, write_jsonl
 from sequnlearn.toyworld.config import ToyWorldConfig
 from sequnlearn.toyworld.shipped import PRETRAIN_LOG, copy_shipped, model_hashes, shipped_for, shipped_info
 from sequnlearn.toyworld.world import ALL_DOMAINS, DOMAINS, FIRST_STAGE, MATCH, NO_ANSWERS, World, generate_world
@@ -93,6 +95,11 @@ class ToyWorldPaths:
         return self.mcq("forget")
 
     @property
+    def forget_keywords(self) -> Path:
+        """The forget domain's entity names, one a line (:func:`hazard_keywords`)."""
+        return self.root / "corpus" / "forget_keywords.txt"
+
+    @property
     def retain_mcq(self) -> Path:
         return self.mcq("retain")
 
@@ -111,8 +118,13 @@ class ToyWorldPaths:
                  "tokenizer": self.model / "tokenizer.json", "tokenizer_config": self.model / "tokenizer_config.json"}
         for d in DOMAINS:
             named[f"{d}_corpus"], named[f"{d}_mcq"] = self.corpus(d), self.mcq(d)
-        named[f"{NO_ANSWERS}_corpus"] = self.corpus(NO_ANSWERS)
+        named.update(self.derived())
         return {k: str(p.relative_to(self.root)) for k, p in named.items()}
+
+    def derived(self) -> dict[str, Path]:
+        """The text files generated from the config alone that a world built by older code may lack
+        (:func:`_add_derived_files` adds them in place)."""
+        return {f"{NO_ANSWERS}_corpus": self.corpus(NO_ANSWERS), "forget_keywords": self.forget_keywords}
 
     def is_complete(self) -> bool:
         """True when ``world.json`` and every artifact it implies exist."""
@@ -212,19 +224,34 @@ def _cached(paths: ToyWorldPaths, config: ToyWorldConfig, overwrite: bool, pretr
 
 
 def _add_derived_files(paths: ToyWorldPaths, config: ToyWorldConfig) -> None:
-    """Write the no-answer corpus into a finished world of this config built before that file existed (it
-    is text generated from the config; the model and every other file stay as they are)."""
-    target = paths.corpus(NO_ANSWERS)
-    if target.exists() or not paths.world_json.is_file():
+    """Write the derived text files (:meth:`ToyWorldPaths.derived`: the no-answer corpus, the forget keyword
+    list) missing from a finished world of this config built before they existed (text generated from the
+    config; the model and every other file stay as they are)."""
+    derived = paths.derived()
+    missing = [k for k, p in derived.items() if not p.exists()]
+    if not missing or not paths.world_json.is_file():
         return
     try:
         info = read_json(paths.world_json)
     except (OSError, json.JSONDecodeError, UserError):
         return
-    others = [p for k, p in paths.files().items() if k != f"{NO_ANSWERS}_corpus"]
+    others = [p for k, p in paths.files().items() if k not in derived]
     if (not config.differences(info.get("config")) and info.get("format") == WORLD_FORMAT
             and all((paths.root / p).is_file() for p in others)):
-        write_jsonl(target, [{"text": t} for t in generate_world(config).corpora[NO_ANSWERS]])
+        _write_derived(paths, generate_world(config), missing)
+
+
+def _write_derived(paths: ToyWorldPaths, world: World, names) -> None:
+    """Write the derived files ``names`` (keys of :meth:`ToyWorldPaths.derived`) of ``world``, each atomically."""
+    if f"{NO_ANSWERS}_corpus" in names:
+        write_jsonl(paths.corpus(NO_ANSWERS), [{"text": t} for t in world.corpora[NO_ANSWERS]])
+    if "forget_keywords" in names:
+        atomic_write_text(paths.forget_keywords, "".join(f"{name}\n" for name in hazard_keywords(world)))
+
+
+def hazard_keywords(world: World) -> list[str]:
+    """The forget domain's entity names (the pathogens: the toy world's hazardous names), in fact order."""
+    return list(dict.fromkeys(f.entity for f in world.facts["forget"]))
 
 
 _OWN_NAMES = {"world.json", "facts.json", "pretrain_log.jsonl", "corpus", "mcq", "model"}
@@ -278,7 +305,7 @@ def _write_text_files(paths: ToyWorldPaths, world: World) -> None:
     for name in DOMAINS:
         write_jsonl(paths.corpus(name), [{"text": t} for t in world.corpora[name]])
         write_jsonl(paths.mcq(name), world.mcqs[name])
-    write_jsonl(paths.corpus(NO_ANSWERS), [{"text": t} for t in world.corpora[NO_ANSWERS]])
+    _write_derived(paths, world, paths.derived())
     write_json(paths.facts, facts)
     write_jsonl(paths.pretrain_corpus, world.pretrain)
 

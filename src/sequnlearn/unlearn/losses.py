@@ -118,6 +118,84 @@ def kl_retain(current_logits: torch.Tensor, original_logits: torch.Tensor) -> to
     return F.kl_div(logp_c, logp_o, reduction="batchmean", log_target=True)
 
 
+def token_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token's label under its logits.
+
+    Args:
+        logits: ``(N, V)`` logits; labels: ``(N,)`` token ids (e.g. the next token at each position).
+
+    Returns:
+        ``(N,)`` float32 ``log softmax(logits)[label]``.
+    """
+    return F.log_softmax(logits.float(), dim=-1).gather(1, labels[:, None])[:, 0]
+
+
+def next_token_nll(logp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the next tokens: ``−Σ w·log p / Σ w``.
+
+    Args:
+        logp: ``(N,)`` log-probabilities of the next token at N positions (:func:`token_logprob`).
+        weight: ``(N,)`` 1 where the next token is a real token, 0 at a row's last (no next token).
+
+    Returns:
+        Scalar: mean over the weighted positions (NaN for none, as a mean over no tokens is).
+    """
+    return -(logp * weight).sum() / weight.sum()
+
+
+def npo(logp_current: torch.Tensor, logp_original: torch.Tensor, beta: float, weight: torch.Tensor,
+        rows: torch.Tensor | None = None, n_rows: int = 0) -> torch.Tensor:
+    """Negative preference optimisation: ``−(2/β)·mean log σ(−β·r)``, r = ``log π_cur − log π_orig``.
+
+    ``(2/β)·log 2`` while the two models agree; minimising it lowers the current model's log-probability
+    of the forget text (dL/dr > 0).
+
+    Args:
+        logp_current: ``(N,)`` log-probabilities of the next token under the model being trained.
+        logp_original: ``(N,)`` the same under the original model (no gradient).
+        beta: β > 0.
+        weight: ``(N,)`` 1 where the position has a next real token, else 0.
+        rows: ``(N,)`` row of each position, in ``0..n_rows-1``: r summed per row, the mean taken over rows
+            with a weighted position (``npo_reduction: sequence``); None: r per position, the mean over the
+            weighted positions (``token``).
+
+    Returns:
+        Scalar loss (NaN without a weighted position).
+    """
+    r = (logp_current - logp_original) * weight  # (N,)
+    if rows is not None:
+        r = torch.zeros(n_rows, dtype=r.dtype, device=r.device).index_add(0, rows, r)  # (R,) per-row sums
+        weight = (torch.zeros_like(r).index_add(0, rows, weight) > 0).to(r.dtype)  # (R,) rows with a next token
+    return -(2.0 / beta) * (F.logsigmoid(-beta * r) * weight).sum() / weight.sum()
+
+
+def l2sp(deltas: list[torch.Tensor]) -> torch.Tensor:
+    """L2-SP: ``Σ ‖θ − θ₀‖²`` (squared Frobenius norms, summed) of the weight differences ``θ − θ₀``."""
+    return torch.stack([d.float().pow(2).sum() for d in deltas]).sum()
+
+
+def filter_gradients(g_retain: torch.Tensor, g_forget: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same-sign gradient filtering of one parameter's retain and forget gradients, elementwise.
+
+    Args:
+        mode: ``same_sign``: ``(g_r + g_f)·[g_r·g_f > 0]``; ``same_sign_asymmetric``: ``g_f·[g_r·g_f > 0] + g_r``.
+
+    Returns:
+        The combined gradient and the number of agreeing elements (a device scalar).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    agree = (g_retain * g_forget) > 0
+    if mode == "same_sign":
+        combined = (g_retain + g_forget) * agree
+    elif mode == "same_sign_asymmetric":
+        combined = g_forget * agree + g_retain
+    else:
+        raise ValueError(f"unknown gradient filter {mode!r}")
+    return combined, agree.sum()
+
+
 # --------------------------------------------------------------------------- fused head + loss
 #
 # The same losses computed from the hidden states before the output head, a chunk of tokens at a
@@ -239,6 +317,59 @@ def kl_retain_from_hidden(h_current: torch.Tensor, h_original: torch.Tensor, wei
         return total, logp_c.exp_().mul_(p_o.sum(dim=-1, keepdim=True)).sub_(p_o)
 
     return _head_loss(h_current, h_original, weight, bias, rows, 1.0 / _count(h_current), chunk_rows)
+
+
+def token_logprob_from_hidden(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              labels: torch.Tensor, *, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """:func:`token_logprob` of ``F.linear(h, weight, bias)`` without the full logits.
+
+    Its output is a vector, whose gradient is known only in the backward pass: that pass forms the
+    logits again, a chunk at a time (one more pass over the head, as gradient checkpointing would).
+
+    Args:
+        h: ``(N, D)`` final-norm outputs; weight ``(V, D)`` (frozen); bias ``(V,)`` or None; labels ``(N,)``.
+
+    Returns:
+        ``(N,)``, as :func:`token_logprob`.
+    """
+    if _trainable(weight, bias):
+        return token_logprob(F.linear(h, weight, bias), labels)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1 (got {chunk_rows})")
+    return _TokenLogProb.apply(h, weight, bias, labels, chunk_rows)
+
+
+class _TokenLogProb(torch.autograd.Function):
+    """Output head + label log-probabilities over row chunks; the backward pass recomputes each chunk."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk):  # noqa: D102 (torch API)
+        w, b = _compute_weights(h, weight, bias)
+        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # (N,)
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            logits = F.linear(h[sl].to(w.dtype), w, b).float()  # (n, V)
+            out[sl] = logits.gather(1, labels[sl, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(h, labels)
+        ctx.head, ctx.dtype, ctx.chunk = (weight, bias), w.dtype, chunk  # not the cast copy: cast again later
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # noqa: D102 (torch API)
+        h, labels = ctx.saved_tensors
+        (weight, bias), chunk = ctx.head, ctx.chunk
+        ctx.head = None
+        w, b = weight.to(ctx.dtype), (None if bias is None else bias.to(ctx.dtype))
+        grad_h = torch.empty_like(h)  # (N, D)
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            g = grad_out[sl].float()  # (n,)
+            # d log p_label / d logits = one-hot − softmax, times the incoming gradient
+            grad = _log_softmax_(F.linear(h[sl].to(w.dtype), w, b).float()).exp_().mul_(-g[:, None])  # (n, V)
+            grad[torch.arange(len(g), device=grad.device), labels[sl]] += g
+            grad_h[sl] = grad.to(w.dtype) @ w
+        return grad_h, None, None, None, None
 
 
 def linear_head(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

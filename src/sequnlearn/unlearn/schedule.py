@@ -10,13 +10,16 @@ def progress(step: int, total: int) -> float:
     return step / (total - 1) if total > 1 else 0.0
 
 
-def coefficients(p: float, remove_coef: float, retain_coef: float) -> tuple[float, float]:
-    """The reference's ramps: forget ``remove_coef·(1 − 0.25p)``, retain ``retain_coef·p``.
+def coefficients(p: float, remove_coef: float, retain_coef: float, retain_start: float = 0.0) -> tuple[float, float]:
+    """The reference's ramps: forget ``remove_coef·(1 − 0.25p)``, retain ``retain_coef·(s + (1 − s)·p)``.
+
+    ``s`` (``retain_start``, ``retain_ramp_start``) is 0 in the reference (retain ``retain_coef·p``,
+    exactly) and 0.25 in the reference authors' full-parameter code.
 
     Returns:
         ``(forget_coef, retain_coef)`` at progress ``p`` in [0, 1].
     """
-    return remove_coef * (1.0 - 0.25 * p), retain_coef * p
+    return remove_coef * (1.0 - 0.25 * p), retain_coef * (retain_start + (1.0 - retain_start) * p)
 
 
 def micro_batch_progress(k: int, per_epoch: float) -> float:
@@ -49,3 +52,18 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
     if schedule == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def depth_scale(scale: float, first: int, layer: int) -> float:
+    """Phase ``layer``'s multiplier by depth: ``1 + (scale − 1)·(first − layer) / max(first, 1)``.
+
+    ``first`` is the first (deepest) target layer, which gets 1×; layer 0 gets ``scale``×. The reference
+    authors' formula of ``forget_layer_scale`` and ``deep_layer_step_scale`` (``sequential_unlearn_sft.py``).
+    """
+    return 1.0 + (scale - 1.0) * (first - layer) / max(first, 1)
+
+
+def phase_steps(base: int, layers: list[int], scale: float = 1.0) -> list[int]:
+    """Optimizer steps of each phase: ``max(1, int(base · depth_scale(scale, layers[0], L)))`` for target layer L
+    (``base`` for every phase when ``scale`` is 1)."""
+    return [max(1, int(base * depth_scale(scale, layers[0], layer))) for layer in layers]

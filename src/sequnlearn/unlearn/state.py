@@ -1,8 +1,9 @@
 """The state of a run on disk: resumable checkpoints, the saved adapter and the merged model.
 
-A checkpoint (``checkpoints/state.pt``) holds the adapter, the optimizer state, the position and how
-many metrics lines had been written, so a resumed run continues exactly where the checkpoint was
-taken. Under FSDP every process takes part in gathering the full state; only the main process
+A checkpoint (``checkpoints/state.pt``) holds the adapter (``method: full``: the weights of the blocks
+trained so far, not the whole model), the optimizer state, the position and how many metrics lines
+had been written, so a resumed run continues exactly where the checkpoint was taken (a full-parameter
+run reloads the base model and these blocks). Under FSDP every process takes part in gathering the full state; only the main process
 writes. Every file is written atomically.
 """
 
@@ -20,6 +21,7 @@ from sequnlearn.errors import UserError
 from sequnlearn.model import adapter as lora
 from sequnlearn.model.load import save_tokenizer
 from sequnlearn.runs import RunDir, atomic_dir, atomic_path, atomic_write_text
+from sequnlearn.unlearn.blocks import Blocks
 
 
 @dataclass
@@ -41,24 +43,27 @@ class RunState:
         run: the run directory.
         proc: this process (:class:`~sequnlearn.distributed.Process`).
         sharded: the model is FSDP-sharded (state is gathered by every process).
+        blocks: ``method: full``: the trained blocks (their weights are the checkpoint's), else None.
     """
 
-    def __init__(self, run: RunDir, proc: Process, *, sharded: bool):
-        self.run, self.proc, self.fsdp = run, proc, sharded
+    def __init__(self, run: RunDir, proc: Process, *, sharded: bool, blocks: Blocks | None = None):
+        self.run, self.proc, self.fsdp, self.blocks = run, proc, sharded, blocks
 
     def save_checkpoint(self, model, opt: torch.optim.Optimizer, pos: Position) -> None:
-        """Adapter weights, optimizer state and position, written atomically (main process)."""
+        """Adapter (or trained blocks') weights, optimizer state and position, written atomically (main process)."""
         self.proc.barrier()
         if self.fsdp:  # gathered by every process, written by the main one
             model_sd, opt_sd = full_state(model, opt)
-            adapter = {k: v for k, v in model_sd.items() if "lora_" in k}
+            weights = {"adapter": {k: v for k, v in model_sd.items() if "lora_" in k}}
         if not self.proc.is_main:
             return
-        if not self.fsdp:
+        if self.blocks is not None:
+            weights, opt_sd = {"blocks": self.blocks.state_dict()}, opt.state_dict()
+        elif not self.fsdp:
             from peft import get_peft_model_state_dict
 
-            adapter, opt_sd = get_peft_model_state_dict(model), opt.state_dict()
-        state = {"adapter": adapter, "optimizer": opt_sd, "fsdp": self.fsdp,
+            weights, opt_sd = {"adapter": get_peft_model_state_dict(model)}, opt.state_dict()
+        state = {**weights, "optimizer": opt_sd, "fsdp": self.fsdp,
                  "position": vars(pos).copy(), "metrics_lines": _count_lines(self.run.metrics)}
         with atomic_path(self.run.checkpoints / "state.pt") as tmp:
             torch.save(state, tmp)
@@ -79,11 +84,15 @@ class RunState:
             return None
         # Load on the CPU: under several CPU processes the saved tensors are tagged "cpu:0", which
         # torch.load cannot map; the adapter copy and the optimizer move them to the parameters' device.
-        state = io.load_torch(path, "checkpoint", keys=("adapter", "optimizer", "position", "metrics_lines"))
+        weights = "adapter" if self.blocks is None else "blocks"
+        state = io.load_torch(path, "checkpoint", keys=(weights, "optimizer", "position", "metrics_lines"))
         if state.get("fsdp", False) != self.fsdp:
             raise UserError(f"--resume: the checkpoint in {path.parent} was written with"
                             f"{'' if state.get('fsdp') else 'out'} FSDP sharding; resume with the same sharding")
-        if self.fsdp:
+        if self.blocks is not None:  # the model holds the base weights: originals are stashed from them first
+            self.blocks.load_state_dict(state["blocks"])
+            opt.load_state_dict(state["optimizer"])
+        elif self.fsdp:
             load_full_state(model, state["adapter"], opt, state["optimizer"])
         else:
             set_peft_model_state_dict(model, state["adapter"])
@@ -94,7 +103,8 @@ class RunState:
         return Position(**{"phase_applied": saved.get("phase_step", 0), **saved})
 
     def save_outputs(self, model, tokenizer, unsharded_copy: Callable[[dict], object]) -> None:
-        """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors).
+        """Adapter (peft format), then the merged model + tokenizer (HF format, safetensors); with
+        ``blocks`` (``method: full``) the model itself + tokenizer, and no adapter.
 
         Args:
             unsharded_copy: rebuilds the adapted model on the CPU from a full state dict (FSDP only).
@@ -107,12 +117,13 @@ class RunState:
         if self.fsdp:
             model = unsharded_copy(model_sd)
         _refuse_nonfinite(model, self.run)  # before anything is written
-        with atomic_dir(self.run.adapter) as tmp:  # base model by absolute path or hub id, and our README
-            lora.save_adapter(model, tmp, io.read_yaml(self.run.config, "run config"), self.run.name)
-        merged = lora.merge_adapter(model)
-        _refuse_nonfinite(merged, self.run)  # a merge that overflows (fp16) takes the adapter back
+        if self.blocks is None:
+            with atomic_dir(self.run.adapter) as tmp:  # base model by absolute path or hub id, and our README
+                lora.save_adapter(model, tmp, io.read_yaml(self.run.config, "run config"), self.run.name)
+            model = lora.merge_adapter(model)
+            _refuse_nonfinite(model, self.run)  # a merge that overflows (fp16) takes the adapter back
         with atomic_dir(self.run.model) as tmp:
-            merged.save_pretrained(str(tmp), safe_serialization=True)
+            model.save_pretrained(str(tmp), safe_serialization=True)
             save_tokenizer(tokenizer, tmp)  # without the truncation at max_length that training left on it
 
 
