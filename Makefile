@@ -29,8 +29,7 @@ demo: $(STAMP)
 # then each sweep's baseline row); the attack on every unlearning seed of the best L2 and best KL setting,
 # in cloze and in letter format, with its controls (the base model, benign text, and a corpus about the
 # same entities that does not state the scored answers); the report and the seven findings decided by
-# `report --findings`; the shipped files copied into docs/toy-world-findings/ (accuracy_per_phase.png and
-# audit.png there come from `make demo`). About 1 h 25 min on 2 idle
+# `report --findings`; the shipped files copied into docs/toy-world-findings/. About 1 h 25 min on 2 idle
 # cores (measured 2026-12-04, one thread each: a sweep point 92 s with its two-style evaluation, an attack
 # 42 s; 75 points two at a time, then 2 x 31 attacks two at a time). Interrupted, run it again: finished
 # sweep points are kept (the tamper step starts over).

@@ -27,8 +27,8 @@ class ToyWorldConfig:
     The defaults are the full world: an 8-layer 128-wide GPT-NeoX that answers the world's questions
     in cloze and in lm-eval's letter format, pretrained by a two-stage curriculum for 4,000 steps
     (35 minutes on one CPU thread; its model is shipped, so a build copies it). The letter-format
-    fields (:data:`LETTER_OFF` switches them off) are what teaches that format; see "Letter format"
-    in ``docs/toy-world-findings.md``. :meth:`reduced` is a small cloze-only world for tests (about
+    fields (:data:`LETTER_OFF` switches them off) are what teaches that format (how it was found: the "Letter format"
+    section of ``docs/toy-world-findings.md`` up to commit 0e1ea97, in its git history). :meth:`reduced` is a small cloze-only world for tests (about
     half a minute).
     """
 
