@@ -28,6 +28,7 @@ def _known(folder: Path) -> list[float]:
 
 PAGES = {
     "toy-world-findings.md": DOCS / "toy-world-findings",
+    "upstream-comparison.md": DOCS / "upstream-comparison",
 }
 
 
