@@ -177,6 +177,12 @@ def test_cli_audit_writes_into_the_run_and_report_shows_it(model_dirs, tmp_path,
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "## Knowledge audit" in report and "| 3* |" in report
     assert (tmp_path / "rep" / "audit.png").stat().st_size > 10_000
+    staged = run / ".run.new.tmp"  # a result being written or replaced is no audit to show
+    staged.mkdir()
+    (staged / "audit.json").write_text((run / "audit.json").read_text())
+    main(["report", str(run), "--out", str(tmp_path / "rep2")])
+    assert (tmp_path / "rep2" / "report.md").read_text().count("## Knowledge audit") == 1
+    assert not (tmp_path / "rep2" / "audit-2.png").exists()
 
 
 def test_cli_audit_needs_out_without_a_run_dir(model_dirs, capsys):

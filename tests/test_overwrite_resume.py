@@ -212,7 +212,7 @@ def attack_args(tmp_path):
 
 
 def test_an_interrupted_tamper_keeps_its_finished_attacks_and_resumes(tmp_path, attack_args, monkeypatch, capsys):
-    from sequnlearn import tamper as tamper_mod
+    from sequnlearn.tamper import attacks as tamper_mod
 
     out = tmp_path / "t"
     real, calls = tamper_mod.attack, []
@@ -245,7 +245,7 @@ def test_an_interrupted_tamper_keeps_its_finished_attacks_and_resumes(tmp_path, 
 
 def test_tamper_overwrite_replaces_only_a_tamper_result_and_keeps_it_on_failure(tmp_path, attack_args, world,
                                                                                monkeypatch, capsys, snapshot):
-    from sequnlearn import tamper as tamper_mod
+    from sequnlearn.tamper import attacks as tamper_mod
 
     before = snapshot(world["run"])
     _refused([*attack_args, "--out", world["run"], "--overwrite"], capsys, "is no tamper result")
@@ -265,7 +265,7 @@ def test_tamper_overwrite_replaces_only_a_tamper_result_and_keeps_it_on_failure(
 
 
 def test_a_diverging_attack_is_an_error_not_a_score(tmp_path, attack_args, monkeypatch, capsys):
-    from sequnlearn import tamper as tamper_mod
+    from sequnlearn.tamper import attacks as tamper_mod
     from sequnlearn.eval import NonFiniteModel
 
     real, calls = tamper_mod.attack, []

@@ -176,10 +176,10 @@ def test_tamper_table_and_plot_give_mean_sd_per_model_and_lr(tmp_path):
 
 
 def test_tamper_plot_names_what_its_lines_share_once_in_the_title(monkeypatch, tmp_path):
-    import sequnlearn.report as report
+    import sequnlearn.tamper.result as result
 
     drawn = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(result, "save", lambda fig, path: drawn.append(fig))
 
     def plotted(runs):
         plot_tamper(_tamper(runs), tmp_path / "t.png")
@@ -257,7 +257,7 @@ def test_point_labels_of_a_crowded_plot_do_not_overlap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sequnlearn.report import _place_labels
+    from sequnlearn.plots import place_labels as _place_labels
 
     fig, ax = plt.subplots(figsize=(6, 4.6))
     pts = [(0.473, 0.965), (0.458, 0.950), (0.510, 0.975), (0.563, 0.979), (0.575, 0.979), (0.604, 0.985),

@@ -159,7 +159,7 @@ def test_explicit_points_may_set_different_keys(tmp_path):
 
 
 def test_runs_are_listed_with_numbers_in_value_order():
-    from sequnlearn.report import _natural
+    from sequnlearn.collect import natural as _natural
 
     names = ["remove_coef=50", "remove_coef=5_retain_coef=100", "remove_coef=10", "remove_coef=5_retain_coef=20"]
     assert [p.name for p in sorted(map(Path, names), key=_natural)] == [

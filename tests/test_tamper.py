@@ -124,7 +124,7 @@ def test_reference_tamper_preset_is_the_reference_attack():
 
 
 def test_one_epoch_with_linear_decay_and_clipping(monkeypatch):
-    import sequnlearn.tamper as tm
+    import sequnlearn.tamper.attacks as tm
 
     seen = []
     real_step = tm._train_step
@@ -143,7 +143,7 @@ def test_one_epoch_with_linear_decay_and_clipping(monkeypatch):
 
 def _big_weights_unchanged(dtype: torch.dtype, mixed: str) -> float:
     """Share of weights with |w| > 1e-2 left bit-identical by 3 AdamW steps at lr 2e-5."""
-    import sequnlearn.tamper as tm
+    import sequnlearn.tamper.attacks as tm
 
     model = tiny_model("gpt_neox", seed=3).to(dtype)
     before = [p.detach().clone() for p in model.parameters()]

@@ -152,12 +152,14 @@ def _source_args(args) -> str:
 
 
 def _add_eval(sub) -> None:
+    from sequnlearn.config import STYLES
+
     p = sub.add_parser("eval", help="multiple-choice evaluation: WMDP-Bio-Robust, WMDP-Bio, MMLU, local MCQ files")
     p.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="hub id, HF model directory, or a run directory (its model/)")
     p.add_argument("--tasks", help="comma-separated: wmdp_bio_robust, wmdp_bio, mmlu, or MCQ file paths")
     p.add_argument("--backend", choices=["fast", "lm-eval"], default="fast",
                    help="fast: one forward per question (default); lm-eval: lm_eval.simple_evaluate")
-    p.add_argument("--style", choices=["letter", "cloze"], default="letter",
+    p.add_argument("--style", choices=STYLES, default="letter",
                    help='letter: score " A".." D" (default); cloze: score each choice text (adds acc_norm)')
     p.add_argument("--limit", type=int, help="first N questions of each subtask (as lm-eval --limit)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
@@ -233,6 +235,8 @@ def _evaluate(args, tasks: list) -> dict:
 
 
 def _add_tamper(sub) -> None:
+    from sequnlearn.config import STYLES
+
     p = sub.add_parser("tamper", help="fine-tuning attack: how fast does forget accuracy come back?")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN_DIR", help="one or more models (overlaid in the plot)")
     p.add_argument("--preset", help="a tamper preset (e.g. toy-tamper)")
@@ -245,7 +249,7 @@ def _add_tamper(sub) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate every k steps (default 10)")
     p.add_argument("--lr", help="learning rate(s), comma-separated (default 2e-5)")
     p.add_argument("--seeds", help="seed(s), comma-separated (default 42)")
-    p.add_argument("--style", choices=["letter", "cloze"], help="evaluation scoring style")
+    p.add_argument("--style", choices=STYLES, help="evaluation scoring style")
     p.add_argument("--baseline", type=float, help="forget accuracy before unlearning (plotted)")
     p.add_argument("--controls", help="comparison attacks, comma-separated: base (the relearning baseline: the "
                    "model before unlearning), retain-tuned (it after the same fine-tune on benign text), benign "
@@ -269,6 +273,7 @@ def _add_tamper(sub) -> None:
 def cmd_tamper(args) -> None:
     from sequnlearn.config import TamperConfig, load_config
     from sequnlearn.model.load import inspect_model, load_model, model_source, resolve_device
+    from sequnlearn.runs import model_label
     from sequnlearn.tamper import previous_result, tamper
 
     run_cfg = _first_run_config(args.models)
@@ -281,7 +286,7 @@ def cmd_tamper(args) -> None:
                      benign_fields=_csv(",".join(run_cfg.get("retain_fields") or ["text"])))
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.set)
     cfg = load_config(TamperConfig, preset=args.preset, config_file=args.config, overrides=overrides)
-    sources = {_label(m): model_source(m) for m in args.models}
+    sources = {model_label(m): model_source(m) for m in args.models}
     base_src = args.base_model or run_cfg.get("model")
     needs_base = base_src is not None and {"base", "retain-tuned"} & set(cfg.controls)
     for src in [*sources.values(), *([base_src] if needs_base else [])]:
@@ -334,25 +339,24 @@ def _run_tamper(args, out: Path, proc, run) -> dict:
 
 def _first_run_config(models: list[str]) -> dict:
     """The config of the first attacked model that is a finished unlearning run ({} when none is)."""
-    from sequnlearn import io
     from sequnlearn.runs import run_of_model
 
     for m in models:
         run = run_of_model(m)
-        if run is not None and (run.root / "config.yaml").is_file():
-            return io.read_yaml(run.root / "config.yaml", "run config")
+        if run is not None and run.config.is_file():
+            return run.stored_config()
     return {}
 
 
 def _record_tamper(models: list[str], result: dict, out: Path) -> None:
     """Each attacked model that is a finished run gets the result in its model card."""
     from sequnlearn.modelcard import record_tamper
-    from sequnlearn.runs import run_of_model
+    from sequnlearn.runs import model_label, run_of_model
 
     for m in models:
         run = run_of_model(m)
         if run is not None:
-            record_tamper(run, _label(m), result, out)
+            record_tamper(run, model_label(m), result, out)
 
 
 def _csv(text: str | None) -> str | None:
@@ -360,17 +364,12 @@ def _csv(text: str | None) -> str | None:
     return None if text is None else "[" + text + "]"
 
 
-def _label(path: str) -> str:
-    from pathlib import Path
-
-    p = Path(path)
-    return p.parent.name if p.name == "model" else p.name
-
-
 # ---------------------------------------------------------------- audit
 
 
 def _add_audit(sub) -> None:
+    from sequnlearn.config import STYLES
+
     p = sub.add_parser("audit", help="per-layer knowledge audit: linear probes and logit lens on MCQ sets")
     p.add_argument("models", nargs="+", metavar="MODEL_OR_RUN",
                    help="models to compare, the base first (hub id, model directory or run directory)")
@@ -378,7 +377,7 @@ def _add_audit(sub) -> None:
                    help="forget MCQs: a file or a task name (wmdp_bio_robust, ...)")
     p.add_argument("--retain-data", metavar="MCQ_FILE", help="retain MCQs: a file or a task name (mmlu, ...)")
     p.add_argument("--data-dir", metavar="DIR", help="offline copies of the hub tasks (default $SEQUNLEARN_DATA_DIR)")
-    p.add_argument("--style", choices=["letter", "cloze"], default="letter", help="prompt style (default letter)")
+    p.add_argument("--style", choices=STYLES, default="letter", help="prompt style (default letter)")
     p.add_argument("--labels", help="comma-separated names of the models (default: their directory names)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the probes (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fold assignment (default 0)")
@@ -401,11 +400,11 @@ def cmd_audit(args) -> None:
     from sequnlearn.audit import AuditModel, AuditOptions, audit_markdown, run_audit, run_target_layers, write_audit
     from sequnlearn.eval import load_tasks
     from sequnlearn.model.load import load_model, model_source
-    from sequnlearn.runs import RunDir
+    from sequnlearn.runs import RunDir, model_label
 
     opts = AuditOptions(style=args.style, folds=args.folds, seed=args.seed, l2=args.l2, prior=args.prior,
                         limit=args.limit, batch_size=args.batch_size, features_dir=args.features_dir)
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [_label(m) for m in args.models]
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else [model_label(m) for m in args.models]
     if len(labels) != len(args.models):
         raise UserError(f"--labels names {len(labels)} models but {len(args.models)} are given; name each once")
     runs = [m for m in args.models if RunDir(Path(m)).is_run()]

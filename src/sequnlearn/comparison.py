@@ -76,7 +76,7 @@ def check_against(dirs: list[Path], against: str) -> None:
     Raises:
         UserError: no run scored in several styles, or no setting called ``against`` (the message lists them).
     """
-    from sequnlearn.report import collect
+    from sequnlearn.collect import collect
 
     if not all(Path(d).exists() for d in dirs):
         return  # the report names the missing directory

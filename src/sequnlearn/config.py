@@ -25,6 +25,9 @@ SDPA_BACKENDS = ("auto", "default", "flash", "math")
 """Values of :attr:`UnlearnConfig.sdpa_backend`."""
 CONTROLS = ("base", "retain-tuned", "benign", "no-answer")
 """The comparison attacks a tamper config can add (see :attr:`TamperConfig.controls`)."""
+STYLES = ("letter", "cloze")
+"""How a multiple-choice question is asked and scored: ``letter`` (lettered choices, the answer's letter)
+or ``cloze`` (the answer's text)."""
 
 
 @dataclass
@@ -483,7 +486,7 @@ class TamperConfig:
         _choice("optimizer", self.optimizer, ("adamw", "adamw_8bit", "paged_adamw_8bit"))
         _choice("method", self.method, ("full", "lora"))
         _choice("sharding", self.sharding, ("auto", "ddp", "fsdp"))
-        _choice("eval_style", self.eval_style, ("letter", "cloze"))
+        _choice("eval_style", self.eval_style, STYLES)
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
         for name in ("eval_every", "batch_size", "per_device_batch_size", "max_length", "lora_r",
                      "eval_batch_size"):
@@ -575,6 +578,16 @@ def changed_keys(stored: dict, cfg) -> list[str]:
     ``cfg``'s, sorted; a key the stored config lacks (added after it was written) counts as its default."""
     stored, now = with_defaults(stored, type(cfg)), asdict(cfg)
     return sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+
+
+def check_style(style, name: str = "style") -> None:
+    """Check a question style.
+
+    Raises:
+        UserError: ``style`` is not one of :data:`STYLES`.
+    """
+    if style not in STYLES:
+        raise UserError(f"{name} {style!r} is unknown; use one of {', '.join(STYLES)}")
 
 
 def _choice(name: str, value, allowed: tuple) -> None:

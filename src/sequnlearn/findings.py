@@ -24,6 +24,7 @@ from pathlib import Path
 from sequnlearn.errors import UserError
 from sequnlearn.evidence import (NOT_REPRODUCED, REPRODUCES, SD_MULTIPLIER, UNDECIDED, against_threshold,
                                  compare)
+from sequnlearn.runs import model_label
 
 NOT_RUN = "not run"
 """The verdict of a comparison whose groups or files the report lacks."""
@@ -260,12 +261,6 @@ def _tamper_row(row: dict) -> dict:
             "source": row["source"]}
 
 
-def _run_name(path: str) -> str:
-    """The label ``sequnlearn tamper`` gives a run: its directory's name (the run's, for ``.../model``)."""
-    p = Path(path)
-    return p.parent.name if p.name == "model" else p.name
-
-
 def read_report(folder: Path, written: Iterable[str] | None = None) -> ReportFiles:
     """The per-seed files of a report in ``folder`` (``written``: only the files this report wrote).
 
@@ -283,7 +278,7 @@ def read_report(folder: Path, written: Iterable[str] | None = None) -> ReportFil
     for r in [*(runs or []), *(r for r in styled or [] if r["Run"] != "baseline")]:
         setting = _setting(r)
         if setting is not None:
-            files.names.setdefault(_run_name(r["path"]), set()).add(setting)
+            files.names.setdefault(model_label(r["path"]), set()).add(setting)
     files.chance = _chances({r["path"] for r in files.sweep or []}, {r["source"] for r in files.tamper or []})
     return files
 

@@ -181,9 +181,7 @@ def _tamper(t: dict) -> list[str]:
 
 def model_card(run: RunDir) -> str:
     """The card of a finished run, built from its config, provenance, ``eval.json`` and tamper summary."""
-    from sequnlearn import io
-
-    cfg = io.read_yaml(run.config, "run config")
+    cfg = run.stored_config()
     prov = _optional(run.provenance) or {}
     ev, tamper = _optional(run.eval), _optional(tamper_summary_path(run))
     src = prov.get("sequnlearn") or {}
@@ -220,7 +218,7 @@ def write_model_card(run: RunDir) -> Path | None:
 def record_tamper(run: RunDir, label: str, result: dict, out: Path) -> None:
     """Keep what ``sequnlearn tamper`` found for ``run``'s model (``label`` in ``result``) and rebuild its card."""
     from sequnlearn.runs import write_json
-    from sequnlearn.tamper import worst_case
+    from sequnlearn.tamper.result import worst_case
 
     cfg, mine = result["config"], [r for r in result["runs"] if r["model"] == label]
     if not mine:

@@ -9,264 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sequnlearn.runs import atomic_path, atomic_write_text
+from sequnlearn.collect import collect, found
+from sequnlearn.plots import markdown, pm, place_labels, pyplot, save, shade_phases, spread
+from sequnlearn.runs import atomic_write_text
+from sequnlearn.tamper.result import (interrupted_note, plot_tamper, seed_curve,  # noqa: F401  (seed_curve: re-exported)
+                                      tamper_curve_rows, tamper_table)
 
 CHANCE_4WAY = 0.25
 """Chance accuracy of a four-way multiple-choice task, for results that do not carry their own."""
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 11, "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 150})
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-
-
-def spread(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof=1) of ``values``; the sd is None for a single value.
-
-    Raises:
-        ValueError: ``values`` is empty.
-    """
-    import statistics
-
-    if not values:
-        raise ValueError("spread() needs at least one value")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def pm(mean: float | None, sd: float | None = None) -> str:
-    """``mean ± sd`` to four decimals; the mean alone when there is no spread, ``-`` when no mean."""
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if sd is None else f"{mean:.4f} ± {sd:.4f}"
-
-
-def plot_tamper(result: dict, path: Path) -> None:
-    """Forget accuracy vs attack step with baseline and chance lines: one line per (model, lr), the
-    mean over its seeds with a ±sd band when it has several, else the one attack (labelled by seed).
-
-    What every line shares (one lr, one seed count) goes into the title, not each label, and the
-    legend sits below the axes, so a plot with the controls' six lines still shows every curve.
-    """
-    plt = _pyplot()
-    groups = by_model_lr(result["runs"])
-    lrs = {lr for _, lr in groups}
-    counts = {len(runs) for runs in groups.values()}
-    seeds = {runs[0]["seed"] for runs in groups.values()} if counts == {1} else set()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for (model, lr), runs in groups.items():
-        label = model if len(lrs) == 1 else f"{model} lr={lr:g}"
-        if len(runs) == 1:
-            steps = [p["step"] for p in runs[0]["curve"]]
-            ax.plot(steps, [p["forget_acc"] for p in runs[0]["curve"]], marker="o", ms=3,
-                    label=label if len(seeds) == 1 else f"{label} seed={runs[0]['seed']}")
-        else:
-            curve = seed_curve(runs)
-            steps, mean = [c["step"] for c in curve], [c["mean"] for c in curve]
-            sd = [c["sd"] or 0.0 for c in curve]
-            (line,) = ax.plot(steps, mean, marker="o", ms=3,
-                              label=label if len(counts) == 1 else f"{label} (mean ± sd, {len(runs)} seeds)")
-            ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                            color=line.get_color(), alpha=0.2, lw=0)
-    if result.get("baseline") is not None:
-        ax.axhline(result["baseline"], color="k", ls="--", lw=1, label="before unlearning")
-    ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="random chance")
-    ax.set_xlabel("attack step")
-    ax.set_ylabel("forget accuracy")
-    shared = [f"lr {next(iter(lrs)):g}"] if len(lrs) == 1 else []
-    if len(counts) == 1 and (n := next(iter(counts))) > 1:
-        shared.append(f"mean ± sd over {n} seeds")
-    elif len(seeds) == 1:
-        shared.append(f"seed {next(iter(seeds))}")
-    ax.set_title("Tampering attack: recovery of forget accuracy" + (f"\n({', '.join(shared)})" if shared else ""),
-                 fontsize=11)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
-    _save(fig, path)
-
-
-def by_model_lr(runs: list[dict]) -> dict[tuple, list[dict]]:
-    """Attacks grouped by (model, lr), in order of first appearance; each group's runs differ in seed."""
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        groups.setdefault((run["model"], run["lr"]), []).append(run)
-    return groups
-
-
-def seed_curve(runs: list[dict]) -> list[dict]:
-    """Forget accuracy across the seeds of one (model, lr) per attack step.
-
-    Returns:
-        ``[{step, mean, sd, n}]`` for every step any attack evaluated, over the attacks evaluated
-        there (``sd`` None when only one was).
-    """
-    curve = []
-    for step in sorted({p["step"] for run in runs for p in run["curve"]}):
-        values = [v for v in (_at_step(run["curve"], step) for run in runs) if v is not None]
-        mean, sd = spread(values)
-        curve.append({"step": step, "mean": mean, "sd": sd, "n": len(values)})
-    return curve
-
-
-def _at_step(curve: list[dict], step: int) -> float | None:
-    for point in curve:
-        if point["step"] == step:
-            return point["forget_acc"]
-    return None
-
-
-def tamper_table(result: dict) -> str:
-    """Markdown: one row per attack with Step 0 / first evaluation / last step and the maximum; when a
-    (model, lr) was attacked with several seeds, a second table of their mean ± sd at the same steps."""
-    cfg = result["config"]
-    last = max(p["step"] for run in result["runs"] for p in run["curve"])
-    cols = sorted(cfg.get("table_steps") or {0, cfg["eval_every"], last})
-    steps = " | ".join(f"Step {s}" for s in cols)
-    rows = []
-    for run in result["runs"]:
-        top = max(run["curve"], key=lambda p: p["forget_acc"])
-        cells = " | ".join(pm(_at_step(run["curve"], s)) for s in cols)
-        rows.append(f"| {run['model']} | {run['lr']:g} | {run['seed']} | {cells} | "
-                    f"{top['forget_acc']:.4f} ({top['step']}) |")
-    lines = [*_md_head(f"Model | lr | seed | {steps} | Max (step)"), *rows]
-    groups = by_model_lr(result["runs"])
-    if any(len(runs) > 1 for runs in groups.values()):
-        lines += ["", "Across seeds: mean ± sd (sample sd) over the attacks evaluated at each step.", "",
-                  *_md_head(f"Model | lr | n | seeds | {steps} | Max mean (step)"),
-                  *(_seed_row(model, lr, runs, cols) for (model, lr), runs in groups.items())]
-    w = result.get("worst_case")
-    if w is None:  # only controls were run
-        return "\n".join(lines) + "\n"
-    lines += ["", f"Worst case: forget accuracy {w['forget_acc']:.4f} at step {w['step']} "
-                  f"({w['model']}, lr={w['lr']:g}, seed={w['seed']}); random chance {result['chance']:.2f}"
-                  + (f", before unlearning {result['baseline']:.4f}." if result.get("baseline") is not None else ".")]
-    return "\n".join(lines) + "\n"
-
-
-def _seed_row(model: str, lr: float, runs: list[dict], cols: list[int]) -> str:
-    """A tamper-table row of one (model, lr): forget accuracy mean ± sd over its seeds at ``cols``."""
-    curve = {c["step"]: c for c in seed_curve(runs)}
-    cells = " | ".join(pm(curve[s]["mean"], curve[s]["sd"]) if s in curve else "-" for s in cols)
-    top = max(curve.values(), key=lambda c: c["mean"])
-    seeds = ", ".join(str(run["seed"]) for run in runs)
-    return f"| {model} | {lr:g} | {len(runs)} | {seeds} | {cells} | {pm(top['mean'], top['sd'])} ({top['step']}) |"
-
-
-def _md_head(cols: str) -> list[str]:
-    """Header and rule lines of a markdown table from ``"A | B | C"``."""
-    return [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1)]
-
-
-def plot_losses(metrics: list[dict], path: Path, title: str = "Unlearning losses per step") -> None:
-    """Forget and retain loss (and their coefficients) per optimizer step, phases shaded by layer."""
-    plt = _pyplot()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(6.4, 5.2), sharex=True, height_ratios=[2, 1])
-    steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["forget_loss"] for m in metrics], label="forget loss (CE / log V)")
-    ax.plot(steps, [m["retain_loss"] for m in metrics], label="retain loss")
-    axc.plot(steps, [m["forget_coef"] for m in metrics], label="forget coef")
-    axc.plot(steps, [m["retain_coef"] for m in metrics], label="retain coef")
-    for a in (ax, axc):
-        _shade_phases(a, metrics)
-    ax.set_ylabel("loss")
-    ax.set_title(title, pad=16)
-    ax.legend(fontsize=8)
-    axc.set_xlabel("optimizer step")
-    axc.set_ylabel("coefficient")
-    axc.legend(fontsize=8)
-    _save(fig, path)
-
-
-def _shade_phases(ax, metrics: list[dict]) -> None:
-    """Alternate background bands per phase, labelled with the target layer."""
-    bounds: dict[int, list[int]] = {}
-    for m in metrics:
-        bounds.setdefault(m["phase"], [m["step"], m["step"], m["layer"]])[1] = m["step"]
-    for phase, (lo, hi, layer) in bounds.items():
-        if phase % 2 == 0:
-            ax.axvspan(lo - 0.5, hi + 0.5, color="0.92", zorder=0)
-        ax.text((lo + hi) / 2, 1.0, f"L{layer}", transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=8)
-
-
-def plot_phase_accuracy(points: list[dict], path: Path, *, chance: float = CHANCE_4WAY) -> None:
-    """Forget and retain accuracy after each phase (``points``: ``{label, forget_acc, retain_acc}``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    x = range(len(points))
-    ax.plot(x, [p["forget_acc"] for p in points], marker="o", label="forget (hazard) accuracy")
-    ax.plot(x, [p["retain_acc"] for p in points], marker="s", label="retain accuracy")
-    ax.axhline(chance, color="gray", ls=":", lw=1, label="random chance")
-    ax.set_xticks(list(x), [p["label"] for p in points])
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("after phase (target layer)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy through sequential unlearning")
-    ax.legend(fontsize=8)
-    _save(fig, path)
 
 
 # ---------------------------------------------------------------------- sweep reports
 
 RETAIN_COLLAPSE_MARGIN = 0.05
 """A retain accuracy within this of random chance counts as collapsed."""
-
-
-def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
-    """Finished runs and baselines under ``dirs`` (any depth), sorted by path, numbers by value.
-
-    A run is a directory with ``config.yaml`` and an ``eval.json`` that gives a forget accuracy: a
-    sweep's headline, or a task of role forget that ``sequnlearn eval`` scored (see
-    :func:`sequnlearn.results.headline`: WMDP tasks and ``--data`` files are forget, ``mmlu`` and
-    ``--retain-data`` files retain).
-
-    Returns:
-        ``(runs, baselines)``; a run row has its path, config, eval (with the headline keys filled in)
-        and metrics.
-    """
-    from sequnlearn import io
-    from sequnlearn.results import is_results_file, with_headline
-    from sequnlearn.runs import read_json, read_jsonl
-
-    runs, baselines = [], []
-    for root in dirs:
-        for ev_path in sorted(found(root, "eval.json"), key=_natural):
-            ev = read_json(ev_path)
-            if not is_results_file(ev):
-                continue
-            ev = with_headline(ev)
-            if ev.get("baseline"):
-                baselines.append({"path": str(ev_path.parent), "eval": ev})
-            elif (ev_path.parent / "config.yaml").is_file() and ev.get("forget_acc") is not None:
-                cfg = io.read_yaml(ev_path.parent / "config.yaml", "run config")
-                runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
-                             "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
-    return runs, baselines
-
-
-def found(root: Path, name: str) -> list[Path]:
-    """The files called ``name`` under ``root``, at any depth, outside hidden directories (a run being
-    built or replaced, ``.NAME.new.tmp``, is not a result)."""
-    return [p for p in Path(root).rglob(name) if not any(part.startswith(".") for part in p.relative_to(root).parts)]
-
-
-def _natural(path: Path) -> list:
-    """Sort key that orders numbers by value: ``remove_coef=5`` before ``remove_coef=10``."""
-    import re
-
-    return [(0, float(t), "") if re.fullmatch(r"\d+(\.\d+)?", t) else (1, 0.0, t)
-            for t in re.split(r"(\d+(?:\.\d+)?)", str(path)) if t]
 
 
 def _layers(cfg: dict) -> str:
@@ -406,26 +162,12 @@ def group_rows(runs: list[dict], chance: float = CHANCE_4WAY) -> list[dict]:
             for i, (g, s, note) in enumerate(zip(groups, stats, notes), start=1)]
 
 
-def _cell(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if v < 1 or not v.is_integer() else f"{v:g}"
-    return str(v)
-
-
-def _markdown(cols: list[str], rows: list[dict]) -> str:
-    """A markdown table of ``rows`` in the columns ``cols``."""
-    lines = _md_head(" | ".join(cols)) + ["| " + " | ".join(_cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def markdown_table(rows: list[dict], baselines: list[dict]) -> str:
     """The table in the reference's format, baselines first."""
     cols = ["Run", "Layers", "remove_coef", "retain_coef", "retain loss", "forget acc", "retain acc", "Notes"]
     base = [{**dict.fromkeys(cols, "-"), "Run": "baseline", "forget acc": b["eval"]["forget_acc"],
              "retain acc": b["eval"].get("retain_acc"), "Notes": b["eval"].get("model", "")} for b in baselines]
-    return _markdown(cols, base + rows)
+    return markdown(cols, base + rows)
 
 
 def seeds_table(groups: list[dict], styles: list[str] = ()) -> str:
@@ -437,7 +179,7 @@ def seeds_table(groups: list[dict], styles: list[str] = ()) -> str:
     cells = [{**g, "forget acc": pm(g["forget mean"], g["forget sd"]), "retain acc": pm(g["retain mean"], g["retain sd"]),
               **{f"{key} acc ({style})": pm(g[f"{key} {style} mean"], g[f"{key} {style} sd"])
                  for style in styles for key in ("forget", "retain")}} for g in groups]
-    return _markdown(cols, cells)
+    return markdown(cols, cells)
 
 
 GROUP_COLUMNS = {"report_styles.csv": ("Group", "style"),
@@ -469,15 +211,6 @@ def _setting_columns() -> list[str]:
 def _styles_of(ev: dict) -> dict[str, dict]:
     """``{style: {forget_acc, retain_acc}}`` of an ``eval.json``: its ``styles``, else its headline style."""
     return ev.get("styles") or {ev.get("style") or "": {k: ev.get(k) for k in ("forget_acc", "retain_acc")}}
-
-
-def tamper_curve_rows(tampers: list[tuple[Path, dict]]) -> list[dict]:
-    """One row per attack and evaluated step of every ``tamper.json``: the attack's model, role, lr and
-    seed, the step, forget and retain accuracy, the scoring style and the directory it came from."""
-    return [{"model": run["model"], "role": run.get("role", "attack"), "lr": run["lr"], "seed": run["seed"],
-             "step": p["step"], "forget_acc": p["forget_acc"], "retain_acc": p.get("retain_acc"),
-             "style": t.get("config", {}).get("eval_style", ""), "source": str(path.parent)}
-            for path, t in tampers for run in t["runs"] for p in run["curve"]]
 
 
 def csv_text(rows: list[dict]) -> str:
@@ -518,7 +251,7 @@ def plot_tradeoff(groups: list[dict], baselines: list[dict], path: Path, chance:
         groups: :func:`group_rows`; a point per group at its means, sd error bars when n > 1.
         runs: :func:`table_rows`; drawn faintly when a group has several runs.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.6))
     groups = [g for g in groups if g["retain mean"] is not None]
     pts = [(g["forget mean"], g["retain mean"]) for g in groups]
@@ -547,43 +280,15 @@ def plot_tradeoff(groups: list[dict], baselines: list[dict], path: Path, chance:
     ax.set_xlabel("forget accuracy (lower is better)")
     ax.set_ylabel("retain accuracy (higher is better)")
     ax.set_title("Forget / retain trade-off" + (" (mean ± sd over seeds)" if _repeated(groups) else ""))
-    _place_labels(ax, labels)  # last: every artist is in, so the axes limits are final
+    place_labels(ax, labels)  # last: every artist is in, so the axes limits are final
     ax.legend(fontsize=8)
-    _save(fig, path)
-
-
-_LABEL_OFFSETS = [(4, 4), (4, -11), (-4, 4), (-4, -11), (4, 14), (-4, 14), (4, -21), (-4, -21), (4, 24), (-4, 24),
-                  (4, -31), (-4, -31), (4, 34), (-4, 34), (4, -41), (-4, -41)]
-"""Candidate label positions around a point, in points (x, y); a negative x puts the label left of it."""
-
-
-def _place_labels(ax, labels: list[tuple[str, tuple[float, float]]], fontsize: float = 7) -> None:
-    """Annotate points so that no two labels overlap: each takes the first spot of :data:`_LABEL_OFFSETS`
-    where its rendered box meets no label placed before it (the last spot when none is free).
-
-    Call it after the last artist is added: the axes limits must be final.
-    """
-    from matplotlib.text import Text
-
-    renderer = ax.figure.canvas.get_renderer()
-    boxes = []
-    for text, xy in sorted(labels, key=lambda lab: (-lab[1][1], lab[1][0])):  # top to bottom
-        for dx, dy in _LABEL_OFFSETS:
-            far = (dx, dy) not in _LABEL_OFFSETS[:4]
-            note = ax.annotate(text, xy, fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
-                               ha="left" if dx >= 0 else "right", va="bottom",
-                               arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5") if far else None)
-            box = Text.get_window_extent(note, renderer).padded(2)  # the text alone (not its leader line), 2 px apart
-            if not any(box.overlaps(b) for b in boxes) or (dx, dy) == _LABEL_OFFSETS[-1]:
-                boxes.append(box)
-                break
-            note.remove()
+    save(fig, path)
 
 
 def plot_forget_vs_remove(groups: list[dict], path: Path, chance: float = CHANCE_4WAY, runs: list[dict] = ()) -> None:
     """Forget accuracy against remove_coef, one line per (retain loss, retain_coef) through the group
     means (:func:`group_rows`), sd error bars and the runs (:func:`table_rows`) faintly when n > 1."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     lines: dict[tuple, list[dict]] = {}
     for g in groups:
@@ -600,24 +305,24 @@ def plot_forget_vs_remove(groups: list[dict], path: Path, chance: float = CHANCE
     ax.set_ylabel("forget accuracy")
     ax.set_title("Forget accuracy vs remove_coef" + (" (mean ± sd over seeds)" if _repeated(groups) else ""))
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_sweep_losses(runs: list[dict], path: Path) -> None:
     """Forget loss per step across phases for every run, overlaid."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in runs:
         m = r["metrics"]
         ax.plot([x["step"] for x in m], [x["forget_loss"] for x in m], lw=1,
                 label=f"{r['config']['retain_loss'].upper()} rm{r['config']['remove_coef']:g}/ret{r['config']['retain_coef']:g}")
     if runs and runs[0]["metrics"]:
-        _shade_phases(ax, runs[0]["metrics"])
+        shade_phases(ax, runs[0]["metrics"])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("forget loss (CE / log V)")
     ax.set_title("Forget loss per step across phases", pad=16)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save(fig, path)
 
 
 def _distinct_baselines(baselines: list[dict]) -> list[dict]:
@@ -727,13 +432,5 @@ def _tamper_section(tampers: list[tuple[Path, dict]], out: Path) -> tuple[str, l
         plot_tamper({**results[0], "runs": [r for t in results for r in t["runs"]]}, out / name)
         plots.append(name)
     atomic_write_text(out / "tamper_curves.csv", csv_text(tamper_curve_rows(tampers)))
-    return "".join(f"\n## Tampering attack ({p.parent})\n\n{tamper_table(t)}{_interrupted_note(t)}"
+    return "".join(f"\n## Tampering attack ({p.parent})\n\n{tamper_table(t)}{interrupted_note(t)}"
                    for p, t in tampers), [*plots, "tamper_curves.csv"]
-
-
-def _interrupted_note(result: dict) -> str:
-    """A line under the table of an attack that was interrupted (its ``tamper.json`` holds ``interrupted``)."""
-    if not result.get("interrupted"):
-        return ""
-    return ("\nInterrupted: only the attacks that finished are shown; finish them with `sequnlearn tamper ... "
-            "--resume`.\n")

@@ -48,6 +48,20 @@ class RunDir:
     def config(self) -> Path:
         return self.root / "config.yaml"
 
+    def stored_config(self, *, raw: bool = False) -> dict:
+        """The run's resolved config as read from ``config.yaml``, with the keys added to
+        :class:`~sequnlearn.config.UnlearnConfig` after it was written at their defaults (what the run ran
+        with; see :func:`~sequnlearn.config.with_defaults`); ``raw``: the file's mapping as it stands.
+
+        Raises:
+            UserError: ``config.yaml`` is missing, unreadable or not a mapping.
+        """
+        from sequnlearn import io
+        from sequnlearn.config import with_defaults
+
+        stored = io.read_yaml(self.config, "run config")
+        return stored if raw else with_defaults(stored)
+
     @property
     def provenance(self) -> Path:
         return self.root / "provenance.json"
@@ -88,6 +102,13 @@ def run_of_model(path: str | os.PathLike) -> RunDir | None:
         if root is not None and RunDir(root).is_run() and RunDir(root).is_finished():
             return RunDir(root)
     return None
+
+
+def model_label(path: str | os.PathLike) -> str:
+    """The label ``sequnlearn tamper`` and ``audit`` give a model path: its directory's name (the run's, for
+    a run's ``.../model``)."""
+    p = Path(path)
+    return p.parent.name if p.name == "model" else p.name
 
 
 def respect_umask(path: Path) -> None:
@@ -221,10 +242,8 @@ def is_kind(out: Path, kind: str) -> bool:
         return (out / "tamper.json").is_file()
     if not (out / "config.yaml").is_file():
         return False
-    from sequnlearn import io
-
     try:
-        return "remove_coef" in io.read_yaml(out / "config.yaml", "run config")
+        return "remove_coef" in RunDir(out).stored_config(raw=True)
     except UserError:
         return False
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sequnlearn.config import PRESET_DIR, UnlearnConfig, build, preset_dict, read_yaml
+from sequnlearn.config import PRESET_DIR, STYLES, UnlearnConfig, build, preset_dict, read_yaml
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, write_json
@@ -136,7 +136,7 @@ def load_sweep(name_or_file: str) -> Sweep:
     ev = data.get("eval") or {}
     if "forget_task" not in ev or set(ev) - set(EVAL_KEYS):
         raise UserError(f"{path}: eval needs forget_task (and may have {', '.join(EVAL_KEYS[1:])})")
-    bad = [s for s in eval_styles(ev) if s not in ("letter", "cloze")]
+    bad = [s for s in eval_styles(ev) if s not in STYLES]
     if bad or not eval_styles(ev):
         raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
     name = data.get("name", path.stem)

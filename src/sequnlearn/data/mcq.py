@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from sequnlearn.config import STYLES, check_style
 from sequnlearn.errors import UserError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-STYLES = ("letter", "cloze")
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 LETTER_DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
@@ -464,8 +464,7 @@ def build_prompt(record: MCQRecord, style: str = "letter", examples: Sequence[MC
     Returns:
         The prompt ending in ``Answer:`` (no trailing space; continuations start with " ").
     """
-    if style not in STYLES:
-        raise UserError(f"style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    check_style(style)
     shots = "".join(doc_text(ex, style) + TARGET_DELIMITER + choice_labels(ex, style)[ex.answer] + FEWSHOT_DELIMITER
                     for ex in examples)
     return description(record.subject, style) + shots + doc_text(record, style)

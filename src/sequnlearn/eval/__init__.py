@@ -39,18 +39,15 @@ from typing import Any, Sequence
 
 import torch
 
-from sequnlearn.data.mcq import HUB_TASKS, STYLES, MCQTask, load_task
-from sequnlearn.errors import UserError
+from sequnlearn.config import STYLES, check_style
+from sequnlearn.data.mcq import HUB_TASKS, MCQTask, load_task
+from sequnlearn.errors import NonFiniteModel, UserError
 
 TASKS = HUB_TASKS
 BACKENDS = ("fast", "lm-eval")
 
 __all__ = ["BACKENDS", "STYLES", "TASKS", "MCQTask", "NonFiniteModel", "check_finite_weights", "check_options",
            "evaluate", "format_table", "load_tasks", "nonfinite_tensors", "parse_tasks"]
-
-
-class NonFiniteModel(UserError):
-    """A model whose weights or logits hold NaN or infinity: broken, so never scored nor saved as a result."""
 
 
 def nonfinite_tensors(model: Any) -> tuple[list[str], int]:
@@ -115,8 +112,7 @@ def check_options(backend: str = "fast", style: str = "letter", limit: int | Non
     """
     if backend not in BACKENDS:
         raise UserError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
-    if style not in STYLES:
-        raise UserError(f"style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    check_style(style)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer (questions per subtask), got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

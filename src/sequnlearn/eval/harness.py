@@ -21,7 +21,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import yaml
 
-from sequnlearn.data.mcq import STYLES, MCQTask
+from sequnlearn.config import check_style
+from sequnlearn.data.mcq import MCQTask
 from sequnlearn.errors import UserError
 from sequnlearn.eval.scorer import Question, plan_questions, question_prediction, summarize_task
 
@@ -30,8 +31,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 
 def task_template(style: str) -> dict[str, Any]:
     """The shipped lm-eval task config for ``style`` (``eval/tasks/mcq_{style}.yaml``)."""
-    if style not in STYLES:
-        raise UserError(f"style {style!r} is unknown; use one of {', '.join(STYLES)}")
+    check_style(style)
     with open(TASKS_DIR / f"mcq_{style}.yaml", encoding="utf-8") as f:
         return yaml.safe_load(f)
 

@@ -27,7 +27,7 @@ import torch
 
 from sequnlearn.data.mcq import (MCQRecord, MCQTask, build_prompt, choice_labels, continuations,
                                  fewshot_examples)
-from sequnlearn.errors import UserError
+from sequnlearn.errors import NonFiniteModel, UserError
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's fallback when neither config nor tokenizer gives one
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
@@ -187,6 +187,35 @@ def _accepts_logits_to_keep(model: Any) -> bool:
         return False
 
 
+def pad_rows(rows: Sequence[_Row], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' input ids right-padded to the longest, ``(B, T)`` on the CPU, and the ``(B, T)``
+    attention mask (1 on real tokens, 0 on padding). Rows: anything with ``tokens`` and ``targets``
+    (the knowledge audit's rows too)."""
+    width = max(len(r.tokens) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        ids[b, :n], mask[b, :n] = torch.tensor(r.tokens), 1
+    return ids, mask
+
+
+def target_positions(rows: Sequence[_Row]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Where each continuation token of the rows' targets is read, one entry per token:
+    ``(row, position, token id, flat choice index)``; the position is the one whose logits predict the
+    token in the right-padded batch of :func:`pad_rows`."""
+    which, pos, tok, dest = [], [], [], []
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        for flat, cont in r.targets:
+            for j, t in enumerate(cont):
+                which.append(b)
+                pos.append(n - len(cont) + j)  # the position whose logits predict cont[j]
+                tok.append(t)
+                dest.append(flat)
+    return which, pos, tok, dest
+
+
 def _batch_logprobs(model: Any, rows: list[_Row], pad_id: int, device: torch.device,
                     use_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities at the positions the rows' continuations are read from.
@@ -195,12 +224,10 @@ def _batch_logprobs(model: Any, rows: list[_Row], pad_id: int, device: torch.dev
         ``(logprobs, flat_pos)``: logprobs ``(N, V)`` fp32 over the N needed positions, and
         ``flat_pos`` ``(B, T)`` mapping (row, position) to its index in ``logprobs``.
     """
-    width = max(len(r.tokens) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    need = torch.zeros((len(rows), width), dtype=torch.bool)  # (B, T)
+    ids, _ = pad_rows(rows, pad_id)  # (B, T)
+    need = torch.zeros(ids.shape, dtype=torch.bool)  # (B, T)
     for b, r in enumerate(rows):
         n = len(r.tokens)
-        ids[b, :n] = torch.tensor(r.tokens)
         longest = max(len(c) for _, c in r.targets)
         need[b, n - longest:n] = True
     ids, need = ids.to(device), need.to(device)
@@ -214,15 +241,7 @@ def _batch_logprobs(model: Any, rows: list[_Row], pad_id: int, device: torch.dev
 
 def _gather(rows: list[_Row], logprobs: torch.Tensor, flat_pos: torch.Tensor, out: torch.Tensor) -> None:
     """Add each target's summed continuation log-probability into ``out`` (CPU fp64, by flat choice index)."""
-    which, pos, tok, dest = [], [], [], []
-    for b, r in enumerate(rows):
-        n = len(r.tokens)
-        for flat, cont in r.targets:
-            for j, t in enumerate(cont):
-                which.append(b)
-                pos.append(n - len(cont) + j)  # the position whose logits predict cont[j]
-                tok.append(t)
-                dest.append(flat)
+    which, pos, tok, dest = target_positions(rows)
     dev = logprobs.device
     idx = flat_pos[torch.tensor(which, device=dev), torch.tensor(pos, device=dev)]  # (M,)
     lp = logprobs[idx, torch.tensor(tok, device=dev)]  # (M,)
@@ -301,8 +320,6 @@ def question_prediction(q: Question, lls: Sequence[float], style: str) -> dict[s
         NonFiniteModel: a loglikelihood is NaN or infinite (the model's logits are not finite).
     """
     if not all(math.isfinite(v) for v in lls):
-        from sequnlearn.eval import NonFiniteModel
-
         raise NonFiniteModel(f"the model's logits are not finite (NaN or inf) on {q.task}/{q.subtask} question "
                              f"{q.doc_id} (loglikelihoods {list(lls)}): it is broken, so it is not scored; if its "
                              "weights are fp16, load it in bf16 or fp32 (--dtype), else unlearn it again with a "

@@ -41,13 +41,13 @@ from sequnlearn.model import adapter as lora
 from sequnlearn.model.layers import Architecture, architecture, check_layers
 from sequnlearn.runs import RunDir, atomic_write_text, provenance, read_json, remove_stale_temp_files, write_json
 from sequnlearn.trackers import check_tracker, open_tracker
+from sequnlearn.training import finish_step, lr_factor, reduce_and_clip, set_lr
 from sequnlearn.unlearn.blocks import Blocks, drop_moments
 from sequnlearn.unlearn.kernels import attention_kernels, round_up, row_groups, step_settings
 from sequnlearn.unlearn import losses
 from sequnlearn.unlearn.objective import Objective, to_device
 from sequnlearn.unlearn.optim import build_optimizer, check_optimizer
-from sequnlearn.unlearn.schedule import (coefficients, depth_scale, lr_factor, micro_batch_progress, phase_steps,
-                                         progress)
+from sequnlearn.unlearn.schedule import coefficients, depth_scale, micro_batch_progress, phase_steps, progress
 from sequnlearn.unlearn.state import Position, RunState
 
 
@@ -226,8 +226,7 @@ class Unlearner:
         """
         pos = self.pos
         lr = self.lr_at(phase, pos.phase_step)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         t0, tokens = time.perf_counter(), 0
         sums = torch.zeros(6, dtype=torch.float64, device=self.proc.device)  # f, r, used, skipped, last bad f, r
         agree = sums.new_zeros(2) if self.cfg.grad_filter != "none" else None  # same-sign elements, all elements
@@ -359,9 +358,7 @@ class Unlearner:
         optimizer steps; under ``on_nan: skip`` a step with a non-finite gradient norm, or without a
         finite micro-batch, is not applied and its micro-batches count as skipped. Returns ``[f_sum,
         r_sum, used, skipped, bad_f, bad_r, grad_norm, tokens]``, then the sums (over processes) of ``extra``."""
-        if not self.fsdp:  # FSDP has reduce-scattered (and averaged) them in backward
-            self.proc.average_gradients(self.params)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm or float("inf"))
+        norm = reduce_and_clip(self.params, self.proc, sharded=self.fsdp, max_norm=self.cfg.max_grad_norm or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
         summed = torch.cat([sums, to_device(torch.tensor([0.0, float(tokens)], dtype=torch.float64), sums.device),
                             *([] if extra is None else [extra])])
@@ -378,10 +375,9 @@ class Unlearner:
             raise NonFiniteLoss(f"non-finite gradient at {where}: grad_norm={grad_norm} with finite losses "
                                 f"(forget_loss={_mean(values[0], used)}, retain_loss={_mean(values[1], used)}); {fix}")
         self.pos.nan_skipped += skipped + (used if bad_grad else 0)
-        if used and not bad_grad:
-            self.opt.step()
-            self.pos.phase_applied += 1
-        self.opt.zero_grad(set_to_none=True)
+        applied = bool(used) and not bad_grad
+        finish_step(self.opt, apply=applied)
+        self.pos.phase_applied += int(applied)
         return values
 
     # ------------------------------------------------------------------ loop

@@ -1,8 +1,7 @@
-"""The coefficient ramps of the reference and the learning-rate schedules."""
+"""The coefficient ramps of the reference and the phases' step counts (the learning-rate schedules are
+:func:`sequnlearn.training.lr_factor`)."""
 
 from __future__ import annotations
-
-import math
 
 
 def progress(step: int, total: int) -> float:
@@ -30,28 +29,6 @@ def micro_batch_progress(k: int, per_epoch: float) -> float:
             (``num_train_examples / (per_device_batch_size × processes)``).
     """
     return min(1.0, k / per_epoch) if per_epoch > 0 else 0.0
-
-
-def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based) of ``total``.
-
-    The formulas of transformers' ``get_{constant,linear,cosine}_schedule_with_warmup`` (what an
-    HF ``Trainer`` runs): ``step / warmup`` during warmup, then constant 1, linear ``(total − step) /
-    (total − warmup)`` or cosine ``0.5 (1 + cos(π (step − warmup) / (total − warmup)))``.
-
-    Raises:
-        ValueError: an unknown schedule.
-    """
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    done = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - done)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * done)))
-    raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
 def depth_scale(scale: float, first: int, layer: int) -> float:

@@ -32,7 +32,8 @@ from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.eval import NonFiniteModel
 from sequnlearn.runs import write_json
-from sequnlearn.unlearn.schedule import lr_factor
+from sequnlearn.tamper.result import attack_key, planned_keys, planned_roles, plot_tamper, tamper_table, worst_case
+from sequnlearn.training import finish_step, lr_factor, reduce_and_clip, set_lr
 
 Loader = Callable[[], tuple]  # () -> (model, tokenizer), fresh weights each call
 
@@ -198,8 +199,7 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
 
     The weights stay in their own dtype (fp32 master weights for a full AdamW attack) and the forward
     runs under ``mixed_precision`` autocast; gradients are clipped to ``max_grad_norm`` when set."""
-    for group in opt.param_groups:
-        group["lr"] = lr
+    set_lr(opt, lr)
     model.train()
     total = 0.0
     rank, world, device = proc.rank, proc.world, proc.device
@@ -216,13 +216,9 @@ def _train_step(model, opt, chunks, order, step: int, cfg: TamperConfig, accum: 
     (total,) = proc.mean([total])  # a non-finite loss on any process reaches all
     if not math.isfinite(total):
         raise UserError(f"the attack's training loss is {total} at step {step + 1}; lower the learning rate")
-    params = [p for group in opt.param_groups for p in group["params"]]
-    if not sharded:  # FSDP has reduce-scattered (and averaged) them in backward
-        proc.average_gradients(params)
-    if cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    reduce_and_clip([p for group in opt.param_groups for p in group["params"]], proc, sharded=sharded,
+                    max_norm=cfg.max_grad_norm)
+    finish_step(opt)
     model.eval()
     return total
 
@@ -263,50 +259,6 @@ def _say_losses(name: str, corpus: Corpus) -> None:
         print(line, flush=True)
 
 
-def worst_case(runs: list[dict]) -> dict:
-    """The highest forget accuracy an attack on an attacked model reached (controls left out):
-    ``{model, lr, seed, step, forget_acc}``."""
-    best = None
-    for run in runs:
-        if run.get("role", "attack") != "attack":
-            continue
-        for point in run["curve"]:
-            if best is None or point["forget_acc"] > best["forget_acc"]:
-                best = {"model": run["model"], "lr": run["lr"], "seed": run["seed"], "step": point["step"],
-                        "forget_acc": point["forget_acc"]}
-    return best
-
-
-CONTROL_LABELS = {"base": "base (before unlearning)", "retain-tuned": "base + benign fine-tune"}
-"""Labels of the control attacks on the model before unlearning."""
-
-
-def benign_label(label: str) -> str:
-    """The label of the ``benign`` control of attacked model ``label``."""
-    return f"{label} on benign text"
-
-
-def no_answer_label(label: str) -> str:
-    """The label of the ``no-answer`` control of attacked model ``label``."""
-    return f"{label} on no-answer text"
-
-
-def planned_roles(labels: list[str], cfg: TamperConfig) -> list[tuple[str, str, str | None]]:
-    """Every attack a tamper of the models ``labels`` with ``cfg`` runs (for each lr and seed), in order:
-    ``(label, role, attacked model's label, or None for the controls on the model before unlearning)``."""
-    roles = [(label, "attack", label) for label in labels]
-    roles += [(CONTROL_LABELS[c], c, None) for c in ("base", "retain-tuned") if c in cfg.controls]
-    roles += [(benign_label(label), "benign", label) for label in labels] if "benign" in cfg.controls else []
-    roles += [(no_answer_label(label), "no-answer", label) for label in labels] if "no-answer" in cfg.controls else []
-    return roles
-
-
-def planned_keys(labels: list[str], cfg: TamperConfig) -> set[tuple]:
-    """The :func:`attack_key` of every attack a tamper of the models ``labels`` with ``cfg`` runs."""
-    return {(m, r, float(lr), int(seed)) for m, r, _ in planned_roles(labels, cfg) for lr in cfg.lrs
-            for seed in cfg.seeds}
-
-
 def _plan(models: dict[str, Loader], cfg: TamperConfig, base: Loader | None, texts: list[str],
           benign: list[str] | None, progress: bool, proc: Process) -> list[tuple]:
     """The attacks to run: ``(label, role, loader_for(lr, seed), corpus)`` in :func:`planned_roles`' order."""
@@ -339,11 +291,6 @@ class TamperInterrupted(KeyboardInterrupt):
     def __init__(self, done: int, total: int):
         super().__init__(f"{done} of {total} attacks finished")
         self.done, self.total = done, total
-
-
-def attack_key(run: dict) -> tuple:
-    """What identifies one attack of a tamper result: ``(model, role, lr, seed)``."""
-    return run["model"], run["role"], float(run["lr"]), int(run["seed"])
 
 
 def previous_result(out: Path, labels: list[str], cfg: TamperConfig) -> dict | None:
@@ -391,7 +338,6 @@ def tamper(models: dict[str, Loader], cfg: TamperConfig, out: Path, *, baseline:
     """
     from sequnlearn.data.mcq import load_task
     from sequnlearn.eval import chance_level
-    from sequnlearn.report import plot_tamper, tamper_table
 
     tasks = {"forget": load_task(cfg.forget_task)}
     if cfg.retain_task:
