@@ -7,9 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sequnlearn import io
 from sequnlearn.results import is_results_file, with_headline
-from sequnlearn.runs import read_json, read_jsonl
+from sequnlearn.runs import RunDir, read_json, read_jsonl
 
 
 def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
@@ -34,7 +33,7 @@ def collect(dirs: list[Path]) -> tuple[list[dict], list[dict]]:
             if ev.get("baseline"):
                 baselines.append({"path": str(ev_path.parent), "eval": ev})
             elif (ev_path.parent / "config.yaml").is_file() and ev.get("forget_acc") is not None:
-                cfg = io.read_yaml(ev_path.parent / "config.yaml", "run config")
+                cfg = RunDir(ev_path.parent).stored_config(raw=True)  # report adds the defaults itself
                 runs.append({"path": str(ev_path.parent), "config": cfg, "eval": ev,
                              "metrics": read_jsonl(ev_path.parent / "metrics.jsonl")})
     return runs, baselines

@@ -12,12 +12,12 @@ from typing import Any, Callable, Sequence
 from sequnlearn.audit.probes import probe_accuracy
 from sequnlearn.audit.readout import lens_accuracy, read_layers
 from sequnlearn.audit.result import audit_markdown, plot_audit
-from sequnlearn.config import read_yaml, stored_target_layers
+from sequnlearn.config import stored_target_layers
 from sequnlearn.errors import UserError
 from sequnlearn.eval import chance_level
 from sequnlearn.eval.scorer import plan_questions
 from sequnlearn.model.layers import architecture
-from sequnlearn.runs import atomic_write_text, write_json
+from sequnlearn.runs import RunDir, atomic_write_text, write_json
 
 Loader = Callable[[], tuple]  # () -> (model, tokenizer)
 
@@ -155,4 +155,4 @@ def run_target_layers(path: str | Path) -> list[int] | None:
     cfg_path = Path(path) / "config.yaml"
     if not cfg_path.is_file():
         return None
-    return stored_target_layers(read_yaml(cfg_path) or {})  # None for layer_start: null (the model's last layer)
+    return stored_target_layers(RunDir(Path(path)).stored_config(raw=True))  # None for layer_start: null (the model's last layer)

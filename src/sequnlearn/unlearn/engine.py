@@ -31,7 +31,6 @@ from typing import Callable
 
 import torch
 
-from sequnlearn import io
 from sequnlearn.config import UnlearnConfig, changed_keys, dump_yaml
 from sequnlearn.data.corpora import (Corpus, CorpusSpec, collate, count_truncated, losses_line, read_corpus,
                                      read_corpus_as_reference, tokenize)
@@ -589,7 +588,7 @@ def _say_counts(name: str, corpus: Corpus, c: dict) -> None:
 def check_resume(cfg: UnlearnConfig, run: RunDir) -> None:
     """Refuse to resume a run whose stored config differs from ``cfg`` (a key the stored config lacks,
     written before the key existed, counts as its default)."""
-    diff = changed_keys(io.read_yaml(run.config, "run config"), cfg)
+    diff = changed_keys(run.stored_config(raw=True), cfg)
     if diff:
         raise UserError(f"--resume: the run in {run.root} has a different config ({', '.join(diff)}); "
                         "resume with the same config or start a new --out")

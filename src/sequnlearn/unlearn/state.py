@@ -119,7 +119,7 @@ class RunState:
         _refuse_nonfinite(model, self.run)  # before anything is written
         if self.blocks is None:
             with atomic_dir(self.run.adapter) as tmp:  # base model by absolute path or hub id, and our README
-                lora.save_adapter(model, tmp, io.read_yaml(self.run.config, "run config"), self.run.name)
+                lora.save_adapter(model, tmp, self.run.stored_config(raw=True), self.run.name)
             model = lora.merge_adapter(model)
             _refuse_nonfinite(model, self.run)  # a merge that overflows (fp16) takes the adapter back
         with atomic_dir(self.run.model) as tmp:
