@@ -78,6 +78,8 @@ def _import_graph() -> dict[str, set[str]]:
                     target = target.rpartition(".")[0]
                 if target.startswith("sequnlearn") and target not in ("sequnlearn", name):
                     edges.add(target)
+        if path.name == "__init__.py" and "def __getattr__(" in path.read_text(encoding="utf-8"):
+            edges |= {m for m in files if m.startswith(name + ".")}  # names loaded on first use (tamper)
         graph[name] = edges
     return graph
 
@@ -127,3 +129,4 @@ def test_the_import_graph_sees_function_local_imports():
     graph = _import_graph()
     assert "sequnlearn.report" in graph["sequnlearn.cli"]  # imported inside a function, to keep --help fast
     assert {"sequnlearn.tamper.result", "sequnlearn.training"} <= graph["sequnlearn.tamper.attacks"]
+    assert "sequnlearn.tamper.attacks" in graph["sequnlearn.tamper"]  # loaded by name in its __getattr__
