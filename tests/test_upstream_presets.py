@@ -112,3 +112,18 @@ def test_every_test_the_mapping_table_cites_exists():
 def test_the_cited_test_check_reads_file_and_name():
     assert _cited_tests("a `tests/test_x.py::test_y` and tests/sub/test_z.py::test_w.") == {
         ("tests/test_x.py", "test_y"), ("tests/sub/test_z.py", "test_w")}
+
+
+def test_a_sweep_over_a_preset_that_needs_a_key_refuses_points_without_it(tmp_path):
+    from sequnlearn.errors import UserError
+    from sequnlearn.sweep import load_sweep
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: upstream-sft-all-layers\ngrid: {remove_coef: [14, 20]}\n"
+                    "eval: {forget_task: f.jsonl}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="the base preset needs forget_keywords, which it cannot ship"):
+        load_sweep(str(path))
+    kw = tmp_path / "kw.txt"
+    kw.write_text("anthrax\n", encoding="utf-8")
+    path.write_text(path.read_text() + f"set: {{forget_keywords: {kw}}}\n", encoding="utf-8")
+    assert [c.forget_keywords for c in map(load_sweep(str(path)).config, load_sweep(str(path)).points())] == [str(kw)] * 2

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sequnlearn.config import PRESET_DIR, STYLES, UnlearnConfig, build, preset_dict, read_yaml
+from sequnlearn.config import PRESET_DIR, STYLES, UnlearnConfig, build, preset_dict, preset_needs, read_yaml
 from sequnlearn.distributed import Process
 from sequnlearn.errors import UserError
 from sequnlearn.runs import RunDir, atomic_write_text, write_json
@@ -58,6 +58,8 @@ class Sweep:
     explicit: list[dict[str, Any]] | None = None
     seeds: list[int] | None = None
     """Run every point once per seed (``seed`` varies fastest); None: the points as they are."""
+    needs: list[str] = field(default_factory=list)
+    """Keys the base preset cannot ship (its ``needs:``, e.g. a keyword list): every point must set them."""
 
     def points(self) -> list[dict[str, Any]]:
         """The explicit points in file order, or every combination of the grid (the last key varies
@@ -82,8 +84,17 @@ class Sweep:
         return "_".join(parts) or "point"
 
     def config(self, point: dict[str, Any]) -> UnlearnConfig:
-        """The validated config of a point."""
-        return build(UnlearnConfig, {**self.base, **self.fixed, **point})
+        """The validated config of a point.
+
+        Raises:
+            UserError: a bad value, or a key the base preset needs (:attr:`needs`) still unset.
+        """
+        cfg = build(UnlearnConfig, {**self.base, **self.fixed, **point})
+        missing = [k for k in self.needs if getattr(cfg, k, None) is None]
+        if missing:
+            raise UserError(f"{self.source}: the base preset needs {missing[0]}, which it cannot ship; set it in the "
+                            "sweep file's set: (or in every point)")
+        return cfg
 
 
 def _fmt(value: Any) -> str:
@@ -141,7 +152,8 @@ def load_sweep(name_or_file: str) -> Sweep:
         raise UserError(f"{path}: eval style {bad or '[]'} unknown; use letter, cloze or a list of them")
     name = data.get("name", path.stem)
     check_dir_name(name, f"{path}: sweep name", "set name: to a plain name such as my-sweep")
-    sweep = Sweep(name, base, data.get("grid") or {}, ev, str(path), data.get("set") or {}, points, seeds)
+    sweep = Sweep(name, base, data.get("grid") or {}, ev, str(path), data.get("set") or {}, points, seeds,
+                  preset_needs(data["base"]) if "base" in data else [])
     check_points(sweep)
     return sweep
 
